@@ -1,0 +1,32 @@
+# One entry point for a fresh machine: `make demo` (end to end) and `make test` (the whole suite).
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: install test demo lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned, so that nothing later pulls a CUDA build (the CPU wheel lies on local disk)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q tests
+
+demo: install
+	DS_ACCELERATOR=cpu $(BIN)/python -m ray_jobs.demo $(if $(DEMO_FAST),--fast,)
+
+lint: install
+	$(BIN)/ruff check olmoearth pipelines serve ray_jobs tests bench
+
+bench: install
+	for f in bench/*.py; do DS_ACCELERATOR=cpu $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) .cache
