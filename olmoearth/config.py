@@ -133,7 +133,9 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
         node = data
         parts = name.split(".")
         for p in parts[:-1]:
-            node = node.setdefault(p, {}) or {}
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
         try:
             node[parts[-1]] = _parse_scalar(types_by_name[name], text)
         except ValueError as e:

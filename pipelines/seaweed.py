@@ -21,6 +21,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_grpc_port() -> int:
+    """A port P with P + 10000 free too: SeaweedFS serves gRPC of master, volume and filer on P + 10000."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 45000)
+        if _is_free(port) and _is_free(port + 10000):
+            return port
+    raise RuntimeError("no free port pair (P, P + 10000) for SeaweedFS")
+
+
 def weed_binary() -> str:
     found = shutil.which("weed") or os.path.join(os.path.dirname(sys.executable), "weed")
     if not os.path.exists(found):
@@ -42,8 +62,8 @@ class SeaweedServer:
         os.makedirs(self.data_dir, exist_ok=True)
         cmd = [
             weed_binary(), "server", f"-dir={self.data_dir}", "-s3", f"-s3.port={self.s3_port}",
-            "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-master.port={free_port()}",
-            f"-volume.port={free_port()}", f"-filer.port={free_port()}",
+            "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-master.port={free_grpc_port()}",
+            f"-volume.port={free_grpc_port()}", f"-filer.port={free_grpc_port()}",
         ]  # fmt: skip
         log = open(os.path.join(self.data_dir, "weed.log"), "ab")
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
