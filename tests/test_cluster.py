@@ -93,7 +93,7 @@ def test_ray_job_submit_runs_a_job_entrypoint(tmp_path):
         cmd = [
             os.path.join(BIN, "ray"), "job", "submit", "--address", head.address, "--working-dir", ROOT,
             "--runtime-env", os.path.join(ROOT, "ray_jobs", "runtime_env.yaml"), "--",
-            "python", "ray_jobs/synth.py", "--num_samples", "2", "--out", str(out_dir),
+            "python", "ray_jobs/synth.py", "--num_samples", "2", "--ray_tasks", "2", "--out_uri", str(out_dir),
         ]  # fmt: skip
         done = subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=400)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
