@@ -51,7 +51,7 @@ def weed_binary() -> str:
 @dataclass
 class SeaweedServer:
     data_dir: str
-    s3_port: int = field(default_factory=free_port)
+    s3_port: int = field(default_factory=free_grpc_port)
     process: subprocess.Popen | None = None
 
     @property
@@ -64,6 +64,8 @@ class SeaweedServer:
             weed_binary(), "server", f"-dir={self.data_dir}", "-s3", f"-s3.port={self.s3_port}",
             "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-master.port={free_grpc_port()}",
             f"-volume.port={free_grpc_port()}", f"-filer.port={free_grpc_port()}",
+            # fixed default ports of the Iceberg and Lance listeners would collide between servers: off
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
         ]  # fmt: skip
         log = open(os.path.join(self.data_dir, "weed.log"), "ab")
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
