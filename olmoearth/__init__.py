@@ -1,0 +1,28 @@
+"""OlmoEarth v1 model library: `build_model`, `encode`, `ModelConfig`, `NormStats`, `MODALITIES`.
+
+Importing the package stays light (numpy only); torch-backed names load on first use.
+"""
+
+from olmoearth.modalities import MODALITIES, NormStats
+
+__all__ = ["build_model", "encode", "ModelConfig", "NormStats", "MODALITIES", "load_encoder", "save_encoder"]
+
+_LAZY = {
+    "build_model": "olmoearth.model",
+    "ModelConfig": "olmoearth.model",
+    "LatentMIM": "olmoearth.model",
+    "encode": "olmoearth.inference",
+    "save_encoder": "olmoearth.checkpoint",
+    "load_encoder": "olmoearth.checkpoint",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'olmoearth' has no attribute {name!r}")
+
+
+_LAZY["load_model"] = "olmoearth.convert"  # load_model: original folders and this project's checkpoints (H2)

@@ -26,3 +26,8 @@ ENCODER = 0  # visible to the online encoder
 IGNORED = 1  # present but neither encoded nor decoded in this view (original: TARGET_ENCODER_ONLY)
 DECODER = 2  # hidden from the encoder; the decoder predicts its target
 MISSING = 3  # no data (missing timestep, bandset, modality or any missing pixel inside the patch)
+
+# Augmentation (olmoearth/model.py): the two views of a batch share one "x"; in training mode the model
+# itself gives each view its own random D4 flip/rotation (one per view per batch), applied to x (pixels)
+# and that view's mask (token grid) alike, before encoding. The data pipeline does not flip or rotate.
+# Masks come from `olmoearth.masking` (per sample, numpy, in the data workers).

@@ -1,0 +1,210 @@
+"""Training-step throughput: this model vs the original implementation vs a bare transformer.
+
+One step = both masked views forward + backward + AdamW step, batch 16, every sample one token budget:
+all 12 bandsets (S2 x3, S1, Landsat x2 and the six maps), patch 4, 6x6 tokens per side, 9 timesteps
+-> 36 * (6 * 9 + 6) = 2160 tokens (budget 2250). Masks: `modality_cross_random`, the same for (a) and (b).
+
+    (a) ours: `model(batch)` (encoder, decoder, frozen target projection, patch-disc + InfoNCE, D4 augment)
+    (b) the original (`olmoearth_pretrain_minimal`, random weights, from its EncoderConfig / PredictorConfig /
+        LatentMIMConfig), same sizes, same inputs and masks; its target = target_encoder exit 0; its outputs
+        go through the same loss functions as ours (the loss code is not in the minimal package)
+    (c) a bare pre-norm transformer (our Block, fused SDPA) of the same width: encoder depth on exactly the
+        visible tokens of each view, decoder depth on exactly its decoded tokens; MSE loss. The pure
+        transformer compute of the same step; a/c = our overhead (tokenising, encodings, packing, target,
+        losses, cross- instead of self-attention).
+
+tokens/s counts the 2160 sample tokens x 16 per step for all three. Runs are interleaved (a, b, c, a, b,
+c, ...) so load from other processes hits all alike; the median step time is reported.
+
+    python bench/model_step.py [--sizes nano,tiny] [--steps 3] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from functools import partial
+
+import numpy as np
+import torch
+
+from olmoearth import build_model
+from olmoearth.attention import Block
+from olmoearth.layout import DECODER, ENCODER
+from olmoearth.losses import info_nce, patch_discrimination
+from olmoearth.masking import modality_cross_random
+from olmoearth.modalities import MODALITIES
+
+B, P, HW, T = 16, 4, 6, 9
+
+
+def make_batch(rng, device):
+    H = HW * P
+    x, present = {}, {}
+    for n, m in MODALITIES.items():
+        t = T if m.temporal else 1
+        x[n] = torch.from_numpy(rng.normal(size=(B, H, H, t, m.num_bands)).astype(np.float32)).to(device)
+        present[n] = np.ones((HW, HW, t, m.num_bandsets), bool)
+
+    def masks():
+        ms = [modality_cross_random(present, rng) for _ in range(B)]
+        return {n: torch.from_numpy(np.stack([m[n] for m in ms])).to(device) for n in MODALITIES}
+
+    return {"x": x, "months": torch.randint(0, 12, (B, T), device=device), "patch_size": P,
+            "mask_a": masks(), "mask_b": masks()}
+
+
+# ------------------------------------------------------------------------------------------------ (b)
+def build_original(cfg, device):
+    from olmoearth_pretrain_minimal.olmoearth_pretrain_v1.nn.flexi_vit import EncoderConfig, PredictorConfig
+    from olmoearth_pretrain_minimal.olmoearth_pretrain_v1.nn.latent_mim import LatentMIMConfig
+
+    mods = list(MODALITIES)
+    enc = EncoderConfig(supported_modality_names=mods, embedding_size=cfg.encoder_dim, num_heads=cfg.encoder_heads,
+                        depth=cfg.encoder_depth, mlp_ratio=cfg.mlp_ratio, drop_path=cfg.drop_path)
+    dec = PredictorConfig(supported_modality_names=mods, encoder_embedding_size=cfg.encoder_dim,
+                          decoder_embedding_size=cfg.decoder_dim, depth=cfg.decoder_depth,
+                          mlp_ratio=cfg.mlp_ratio, num_heads=cfg.decoder_heads, output_embedding_size=cfg.encoder_dim)
+    return LatentMIMConfig(encoder_config=enc, decoder_config=dec).build().to(device)
+
+
+def original_samples(batch):
+    from olmoearth_pretrain_minimal.olmoearth_pretrain_v1.utils.datatypes import MaskedOlmoEarthSample
+
+    months = batch["months"]
+    ts = torch.stack([torch.ones_like(months), months, torch.full_like(months, 2020)], -1)
+    out = []
+    for key in ("mask_a", "mask_b"):
+        d = {"timestamps": ts}
+        for n, v in batch["x"].items():
+            m = batch[key][n].repeat_interleave(P, 1).repeat_interleave(P, 2)
+            d[n], d[n + "_mask"] = (v, m) if MODALITIES[n].temporal else (v[:, :, :, 0], m[:, :, :, 0])
+        out.append(MaskedOlmoEarthSample(**d))
+    full = {k: (torch.zeros_like(v) if k.endswith("_mask") else v) for k, v in out[0]._asdict().items()
+            if v is not None}
+    return out, MaskedOlmoEarthSample(**full)
+
+
+def original_step(model, opt, samples, full):
+    from olmoearth_pretrain_minimal.olmoearth_pretrain_v1.utils.datatypes import MaskedOlmoEarthSample
+
+    views, losses, pooled = samples, [], []
+    with torch.no_grad():
+        tgt = model.target_encoder(full, patch_size=P, token_exit_cfg={n: 0 for n in MODALITIES})["tokens_and_masks"]
+    for s in views:
+        _, decoded, proj, _, _ = model(s, patch_size=P)
+        preds, tgts, keep, group = [], [], [], []
+        for i, n in enumerate(MODALITIES):
+            mask = getattr(s, MaskedOlmoEarthSample.get_masked_modality_name(n))[:, ::P, ::P]
+            pr, tg = getattr(decoded, n), getattr(tgt, n)
+            preds.append(pr.reshape(B, -1, pr.shape[-1]))
+            tgts.append(tg.reshape(B, -1, tg.shape[-1]))
+            keep.append(mask.reshape(B, -1) == DECODER)
+            group.append(torch.full_like(keep[-1], i, dtype=torch.long))
+        losses.append(patch_discrimination(torch.cat(preds, 1), torch.cat(tgts, 1), torch.cat(keep, 1),
+                                           torch.cat(group, 1)))
+        pooled.append(proj)
+    loss = (losses[0] + losses[1]) / 2 + 0.1 * info_nce(pooled[0], pooled[1])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+# ------------------------------------------------------------------------------------------------ (c)
+class Bare(torch.nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.enc = torch.nn.ModuleList([Block(cfg.encoder_dim, cfg.encoder_heads) for _ in range(cfg.encoder_depth)])
+        self.dec = torch.nn.ModuleList([Block(cfg.decoder_dim, cfg.decoder_heads) for _ in range(cfg.decoder_depth)])
+
+    def forward(self, enc_tokens, dec_tokens):
+        for b in self.enc:
+            enc_tokens = b(enc_tokens)
+        for b in self.dec:
+            dec_tokens = b(dec_tokens)
+        return enc_tokens.pow(2).mean() + dec_tokens.pow(2).mean()
+
+
+def bare_inputs(batch, cfg, device):
+    out = []
+    for key in ("mask_a", "mask_b"):
+        n_enc = max(sum(int((m[i] == ENCODER).sum()) for m in batch[key].values()) for i in range(B))
+        n_dec = max(sum(int((m[i] == DECODER).sum()) for m in batch[key].values()) for i in range(B))
+        out.append((torch.randn(B, n_enc, cfg.encoder_dim, device=device),
+                    torch.randn(B, n_dec, cfg.decoder_dim, device=device)))
+    return out
+
+
+def bare_step(model, opt, inputs):
+    loss = sum(model(e, d) for e, d in inputs)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+# ------------------------------------------------------------------------------------------------
+def ours_step(model, opt, batch):
+    out = model(batch)
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    opt.step()
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="nano,tiny")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per implementation (after 1 warm-up)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads (0: torch's default); 1 avoids stalls on a shared, loaded machine")
+    args = ap.parse_args()
+    dev = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    batch = make_batch(rng, dev)
+    tokens = B * HW * HW * (6 * T + 6)
+    print(f"tokens per step: {tokens} (batch {B}, {tokens // B} per sample), device {dev}, "
+          f"threads {torch.get_num_threads()}")
+    samples, full = original_samples(batch)
+    for size in args.sizes.split(","):
+        ours = build_model(size).to(dev).train()
+        cfg = ours.config
+        orig = build_original(cfg, dev).train()
+        bare = Bare(cfg).to(dev).train()
+        bare_in = bare_inputs(batch, cfg, dev)
+        runs = {
+            "ours": partial(ours_step, ours, torch.optim.AdamW(ours.param_groups(0.02), lr=1e-4), batch),
+            "original": partial(original_step, orig,
+                                torch.optim.AdamW([p for p in orig.parameters() if p.requires_grad], lr=1e-4),
+                                samples, full),
+            "bare": partial(bare_step, bare, torch.optim.AdamW(bare.parameters(), lr=1e-4), bare_in),
+        }
+        times = {k: [] for k in runs}
+        for i in range(args.steps + 1):
+            for name, fn in runs.items():
+                sync(dev)
+                t0 = time.perf_counter()
+                fn()
+                sync(dev)
+                dt = time.perf_counter() - t0
+                print(f"  {size} {name} step {i}: {dt:.2f} s", file=sys.stderr, flush=True)
+                if i > 0:
+                    times[name].append(dt)
+        tps = {k: tokens / statistics.median(v) for k, v in times.items()}
+        for k in runs:
+            print(f"{size}_{k}_tokens_per_s: {tps[k]:.0f} tokens/s")
+        print(f"ratio {size}_ours/original: {tps['ours'] / tps['original']:.2f}")
+        print(f"ratio {size}_ours/bare: {tps['ours'] / tps['bare']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""The raw corpus layout (the original's public release, reference section 5), in one place.
+
+    <root>/<raw_folder>/EPSG:<code>_<col>_<row>_<resolution>.tif    one GeoTIFF per sample and bandset
+    <root>/<raw_folder>.csv                                          per temporal modality: timestep times
+        columns crs, col, row, image_idx, start_time, end_time      (ISO dates; one row per band group t)
+
+A sample is one 2560 m cell of a UTM grid: its 10 m pixel grid has the upper-left corner at
+(x, y) = (col * 2560, -row * 2560) metres in EPSG:<code> (rows grow southwards, so northern cells have
+negative rows), 256 x 256 pixels. A bandset stored at resolution r covers the same cell with 2560 / r pixels
+per side. A multi-temporal file holds T x C bands in time-major order (band t * C + c is band c of
+timestep t); the CSV row with image_idx t gives that timestep's period. Static maps hold C bands.
+
+Raw dtypes and nodata values (what the synthetic generator writes and what the build validates):
+`RAW_FORMAT[modality] = (dtype, nodata)`. Sentinel-1 is stored as linear power and converted to dB on read.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import re
+from collections import defaultdict
+
+import numpy as np
+
+from olmoearth.modalities import BASE_GSD, MAX_TIMESTEPS, MODALITIES, TILE_METRES, TILE_SIZE, get_modality
+from pipelines.storage import Storage, join
+
+# modality -> (numpy dtype of the raw GeoTIFF, nodata value); None: no nodata value (every value is data)
+RAW_FORMAT: dict[str, tuple[str, float | None]] = {
+    "sentinel2_l2a": ("uint16", 0),
+    "sentinel1": ("float32", -32768.0),
+    "landsat": ("uint16", 0),
+    "worldcover": ("uint8", 0),
+    "srtm": ("int16", -32768),
+    "openstreetmap_raster": ("uint8", None),
+    "wri_canopy_height_map": ("uint8", 255),
+    "cdl": ("uint8", 0),
+    "worldcereal": ("uint8", 255),
+}
+LABELS_FOLDER = "10_labels"  # labelled synthetic corpus only: per-pixel class, uint8, 10 m
+FOLDER_TO_MODALITY = {m.raw_folder: name for name, m in MODALITIES.items()}
+PERIOD_DAYS = 30  # one monthly mosaic
+
+_NAME = re.compile(r"^EPSG:(\d+)_(-?\d+)_(-?\d+)_(\d+(?:\.\d+)?)\.tiff?$")
+
+
+def parse_sample_name(filename: str) -> tuple[int, int, int, float]:
+    """'EPSG:32618_123_-456_10.tif' (any folder prefix) -> (32618, 123, -456, 10.0)."""
+    base = filename.rstrip("/").rsplit("/", 1)[-1]
+    m = _NAME.match(base)
+    if not m:
+        raise ValueError(
+            f"{filename}: not a raw corpus file name; expected EPSG:<code>_<col>_<row>_<resolution>.tif"
+        )
+    return int(m.group(1)), int(m.group(2)), int(m.group(3)), float(m.group(4))
+
+
+def sample_id(epsg: int, col: int, row: int) -> str:
+    return f"EPSG:{epsg}_{col}_{row}"
+
+
+def parse_sample_id(sid: str) -> tuple[int, int, int]:
+    m = re.match(r"^EPSG:(\d+)_(-?\d+)_(-?\d+)$", sid)
+    if not m:
+        raise ValueError(f"not a sample id: {sid!r}; expected EPSG:<code>_<col>_<row>")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+
+
+def file_name(epsg: int, col: int, row: int, resolution: float) -> str:
+    res = f"{resolution:g}"
+    return f"EPSG:{epsg}_{col}_{row}_{res}.tif"
+
+
+def cell_transform(col: int, row: int, resolution: float = BASE_GSD):
+    """The affine transform of the cell's grid at `resolution` metres per pixel."""
+    from affine import Affine
+
+    return Affine(resolution, 0.0, col * TILE_METRES, 0.0, -resolution, -row * TILE_METRES)
+
+
+def cell_bounds(col: int, row: int) -> tuple[float, float, float, float]:
+    """(left, bottom, right, top) in metres of the cell's UTM CRS."""
+    left, top = col * TILE_METRES, -row * TILE_METRES
+    return left, top - TILE_METRES, left + TILE_METRES, top
+
+
+def cell_size(resolution: float) -> int:
+    """Pixels per side of a cell at `resolution` metres per pixel (256 at 10 m, 1024 at 2.5 m)."""
+    n = TILE_METRES / resolution
+    if abs(n - round(n)) > 1e-6:
+        raise ValueError(f"resolution {resolution} m does not divide the {TILE_METRES:g} m cell")
+    return int(round(n))
+
+
+def bandset_index(modality: str, resolution: float) -> int:
+    """Which bandset of `modality` is stored at `resolution` (the file name's suffix)."""
+    mod = get_modality(modality)
+    for i, bs in enumerate(mod.bandsets):
+        if abs(bs.resolution - resolution) < 1e-6:
+            return i
+    known = ", ".join(f"{bs.resolution:g}" for bs in mod.bandsets)
+    raise ValueError(f"{modality} has no bandset stored at {resolution:g} m (known: {known})")
+
+
+def csv_uri(root_uri: str, modality: str) -> str:
+    return join(root_uri, get_modality(modality).raw_folder + ".csv")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Listing
+
+
+def list_files(root_uri: str, storage: Storage) -> dict[str, list[str]]:
+    """raw_folder -> every .tif uri under it (one listing per folder; scales with the number of files)."""
+    fs = storage.fs(root_uri)
+    out = {}
+    for folder in [m.raw_folder for m in MODALITIES.values()] + [LABELS_FOLDER]:
+        uri = join(root_uri, folder)
+        try:
+            names = fs.ls(uri, detail=False)
+        except FileNotFoundError:
+            continue
+        prefix = "s3://" if root_uri.startswith("s3://") else ""
+        out[folder] = sorted(prefix + n if prefix and not n.startswith(prefix) else n for n in names)
+    return out
+
+
+def list_samples(root_uri: str, storage: Storage) -> dict[str, dict[str, list[str]]]:
+    """sample_id -> {modality: [uri of each bandset file]} for every sample found under root_uri.
+
+    File names that are not of the layout raise ValueError naming the file (use `list_samples_lenient`
+    to collect them instead)."""
+    samples, bad = list_samples_lenient(root_uri, storage)
+    if bad:
+        uri, reason = bad[0]
+        raise ValueError(f"{uri}: {reason}")
+    return samples
+
+
+def list_samples_lenient(root_uri: str, storage: Storage):
+    """Like list_samples, plus [(uri, reason)] for files whose names do not parse (never dropped silently)."""
+    samples: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    bad = []
+    for folder, uris in list_files(root_uri, storage).items():
+        modality = FOLDER_TO_MODALITY.get(folder, "labels")
+        for uri in uris:
+            try:
+                epsg, col, row, res = parse_sample_name(uri)
+                if modality != "labels":
+                    bandset_index(modality, res)
+            except ValueError as e:
+                bad.append((uri, str(e)))
+                continue
+            samples[sample_id(epsg, col, row)][modality].append(uri)
+    return {k: {m: sorted(v) for m, v in d.items()} for k, d in sorted(samples.items())}, bad
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Timesteps
+
+
+def read_timesteps(root_uri: str, storage: Storage, modalities=None) -> dict[str, dict[str, list]]:
+    """modality -> sample_id -> [(image_idx, start date, end date)] sorted by image_idx, for temporal
+    modalities that have a CSV. A malformed CSV raises ValueError naming the file and line."""
+    out = {}
+    for name, mod in MODALITIES.items():
+        if not mod.temporal or (modalities is not None and name not in modalities):
+            continue
+        uri = csv_uri(root_uri, name)
+        if not storage.exists(uri):
+            continue
+        out[name] = parse_timesteps_csv(storage.read_text(uri), uri)
+    return out
+
+
+def parse_timesteps_csv(text: str, uri: str = "<csv>") -> dict[str, list]:
+    rows: dict[str, list] = defaultdict(list)
+    reader = csv.DictReader(io.StringIO(text))
+    need = {"crs", "col", "row", "image_idx", "start_time", "end_time"}
+    if not reader.fieldnames or not need <= set(reader.fieldnames):
+        raise ValueError(f"{uri}: header must have columns {sorted(need)}, got {reader.fieldnames}")
+    for i, r in enumerate(reader, start=2):
+        try:
+            epsg = int(str(r["crs"]).replace("EPSG:", ""))
+            sid = sample_id(epsg, int(r["col"]), int(r["row"]))
+            item = (int(r["image_idx"]), dt.date.fromisoformat(r["start_time"][:10]),
+                    dt.date.fromisoformat(r["end_time"][:10]))  # fmt: skip
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{uri}: line {i}: {e}") from None
+        rows[sid].append(item)
+    return {k: sorted(v) for k, v in rows.items()}
+
+
+def write_timesteps_csv(rows: list[tuple[str, int, dt.date, dt.date]]) -> str:
+    """[(sample_id, image_idx, start, end)] -> CSV text in the layout above."""
+    out = io.StringIO()
+    w = csv.writer(out)
+    w.writerow(["crs", "col", "row", "image_idx", "start_time", "end_time"])
+    for sid, idx, start, end in rows:
+        epsg, col, row = parse_sample_id(sid)
+        w.writerow([f"EPSG:{epsg}", col, row, idx, start.isoformat(), end.isoformat()])
+    return out.getvalue()
+
+
+def sample_timeline(periods: dict[str, list]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """periods: {modality: [(image_idx, start, end)]} of one sample ->
+    ({modality: int64 (n_images,) slot t of each image}, months int64 (T,) 0..11).
+
+    Slots are 30-day periods counted from the earliest image of any modality; the timeline is cut to the
+    slots between the first and the last image (at most 12), as the original crops its timestamps."""
+    starts = [p[1] for v in periods.values() for p in v]
+    if not starts:
+        return {}, np.zeros(0, dtype=np.int64)
+    t0 = min(starts)
+    slots = {m: np.asarray([round((p[1] - t0).days / PERIOD_DAYS) for p in v], dtype=np.int64)
+             for m, v in periods.items()}  # fmt: skip
+    T = int(max(s.max() for s in slots.values() if len(s))) + 1
+    if T > MAX_TIMESTEPS:
+        raise ValueError(f"timesteps span {T} periods of {PERIOD_DAYS} days; at most {MAX_TIMESTEPS}")
+    months = np.asarray(
+        [(t0 + dt.timedelta(days=t * PERIOD_DAYS + PERIOD_DAYS // 2)).month - 1 for t in range(T)],
+        dtype=np.int64,
+    )
+    return slots, months
+
+
+__all__ = [
+    "RAW_FORMAT", "LABELS_FOLDER", "TILE_SIZE", "parse_sample_name", "sample_id", "parse_sample_id", "file_name",
+    "cell_transform", "cell_bounds", "cell_size", "bandset_index", "list_samples", "list_samples_lenient",
+    "read_timesteps", "write_timesteps_csv", "sample_timeline",
+]  # fmt: skip

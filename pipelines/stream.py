@@ -1,0 +1,338 @@
+"""The training stream: Parquet shards (pipelines/build.py) -> shuffled, cropped, masked, collated batches.
+
+    ds = training_dataset(StreamConfig(shards_uri="s3://shards", batch_size=32), storage, epoch=3)
+    for batch in iter_training_batches(ds, cfg):      # or ray.train.get_dataset_shard("train")
+        ...                                            # the batch dict of olmoearth/layout.py, torch tensors
+
+Design (one Ray Data row = ONE WHOLE COLLATED BATCH, because the patch size and crop are chosen per batch):
+1. The epoch's sample order is fixed on the driver from (seed, epoch) alone, using only the manifest's
+   row counts: each 256 x 256 cell is four 128 x 128 training samples (its quadrants);
+   shuffle="local": a new random shard order, cells in shard order (shards were globally shuffled when
+   written), then a shuffle inside consecutive windows of `local_shuffle_buffer` samples;
+   shuffle="full": one global permutation of all cells every epoch, then the same window shuffle. Memory
+   is the same (a window at a time); the price of "full" is random row-group reads instead of sequential
+   shard reads (see docs/corpus.md for measured samples/s).
+2. The windows become `ray.data.from_items(...)` and a `flat_map` on CPU data workers reads the window's
+   cells (one Parquet row group = one cell, read one at a time), and for every batch of the window draws
+   the original's sampling (reference section 4): a patch size p in [min_patch_size, max_patch_size], a
+   number of tokens per side hw in [1, max_tokens_per_side], a random crop of hw * p pixels inside each
+   128 x 128 sample and a random contiguous time window of as many timesteps as the token budget allows:
+       T_b = min(12, (budget - hw^2 * n_static_bandsets) // (hw^2 * n_spacetime_bandsets)),
+   counted over ALL modalities of the batch (maps included), so every sample holds <= budget tokens.
+   Then two independent `modality_cross_random` masks per sample (views a and b), normalisation with
+   the build's statistics, NaN -> 0, and collation. Flips/rotations are done by the model per view
+   (olmoearth/layout.py), not here.
+3. Each output row: {"batch": pickle of the numpy batch dict, "index": batch number in the epoch,
+   "epoch", "num_samples", "samples": JSON [[shard, row, quadrant], ...] of its samples}; `preserve_order` keeps rows in index order, so (seed, epoch) replays exactly
+   and `skip_batches` resumes mid-epoch. Batches are full except possibly the last of the epoch
+   (dropped with drop_last=True). `streaming_split` (behind ray.train.get_dataset_shard, equal=True) may
+   drop up to world_size - 1 whole batches at the end of an epoch; `epoch_plan()` gives the expected
+   count so a trainer can report what it did not see.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import pickle
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from olmoearth.masking import modality_cross_random, token_presence
+from olmoearth.modalities import MAX_TIMESTEPS, MODALITIES, NormStats
+from pipelines.build import decode_modality
+from pipelines.storage import Storage, join
+
+SUB = 128  # training sample side, pixels (a quarter of a 256 x 256 cell)
+
+
+@dataclass
+class StreamConfig:
+    shards_uri: str = field(default="", metadata={"help": "output of build-corpus (has manifest.json)"})
+    batch_size: int = field(default=32, metadata={"help": "128x128 samples per batch"})
+    token_budget: int = field(default=2250, metadata={"help": "most tokens per sample (all modalities)"})
+    min_patch_size: int = 1
+    max_patch_size: int = 8
+    max_tokens_per_side: int = 12
+    shuffle: str = field(default="local", metadata={"help": "local (shard order + window) or full"})
+    local_shuffle_buffer: int = field(default=64, metadata={"help": "samples per shuffle window"})
+    seed: int = 0
+    num_epochs: int = 1
+    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
+    encode_ratio: float = 0.5
+    decode_ratio: float = 0.5
+    min_encoded_bandsets: int = 2
+    drop_last: bool = False
+    prefetch_batches: int = 2
+    num_cpus_per_task: float = 1.0
+
+    def __post_init__(self):
+        if self.shuffle not in ("local", "full"):
+            raise ValueError(f"StreamConfig.shuffle must be 'local' or 'full', got {self.shuffle!r}")
+        for m in self.modalities:
+            if m not in MODALITIES:
+                raise ValueError(f"StreamConfig.modalities: unknown modality {m!r}")
+        if not 1 <= self.min_patch_size <= self.max_patch_size:
+            raise ValueError("StreamConfig: need 1 <= min_patch_size <= max_patch_size")
+        if self.batch_size < 1:
+            raise ValueError("StreamConfig.batch_size must be >= 1")
+
+
+def load_manifest(shards_uri: str, storage: Storage) -> dict:
+    uri = join(shards_uri, "manifest.json")
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri}: no manifest; run `olmoearth build-corpus` first")
+    return json.loads(storage.read_text(uri))
+
+
+def load_norm_stats(shards_uri: str, storage: Storage) -> NormStats:
+    """The per-band statistics the corpus build wrote (norm_stats.json next to the shards)."""
+    uri = join(shards_uri, "norm_stats.json")
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri}: no normalisation statistics; run `olmoearth build-corpus` first")
+    return NormStats.from_dict(json.loads(storage.read_text(uri)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The epoch plan (driver side, from the manifest only)
+
+
+def epoch_plan(
+    cfg: StreamConfig, storage: Storage, epoch: int = 0, manifest: dict | None = None
+) -> list[dict]:
+    """The windows of one epoch: [{"window", "first_batch", "num_batches", "subs": [[shard, row, quadrant]]}]."""
+    manifest = manifest or load_manifest(cfg.shards_uri, storage)
+    shards = [(s["path"], s["rows"]) for s in manifest["shards"]]
+    rng = np.random.default_rng([cfg.seed, epoch, 17])
+    if cfg.shuffle == "local":
+        cells = [(path, r) for i in rng.permutation(len(shards)) for path, n in [shards[i]] for r in range(n)]
+    else:
+        all_cells = [(path, r) for path, n in shards for r in range(n)]
+        cells = [all_cells[i] for i in rng.permutation(len(all_cells))]
+    subs = [[path, r, q] for path, r in cells for q in range(4)]
+    per_window = max(cfg.batch_size, cfg.local_shuffle_buffer // cfg.batch_size * cfg.batch_size)
+    windows, first = [], 0
+    for j, start in enumerate(range(0, len(subs), per_window)):
+        chunk = subs[start : start + per_window]
+        nb = len(chunk) // cfg.batch_size if cfg.drop_last else math.ceil(len(chunk) / cfg.batch_size)
+        if nb == 0:
+            continue
+        windows.append({"window": j, "first_batch": first, "num_batches": nb, "subs": chunk})
+        first += nb
+    return windows
+
+
+def num_batches(cfg: StreamConfig, storage: Storage, epoch: int = 0) -> int:
+    return sum(w["num_batches"] for w in epoch_plan(cfg, storage, epoch))
+
+
+def tokens_per_sample(hw: int, t: int, modalities) -> int:
+    n_st = sum(MODALITIES[m].num_bandsets for m in modalities if MODALITIES[m].temporal)
+    n_static = sum(MODALITIES[m].num_bandsets for m in modalities if not MODALITIES[m].temporal)
+    return hw * hw * (n_static + t * n_st)
+
+
+def draw_batch_shape(rng: np.random.Generator, cfg: StreamConfig) -> tuple[int, int, int]:
+    """(patch size p, tokens per side hw, timesteps T_b) within the token budget (reference section 4)."""
+    p = int(rng.integers(cfg.min_patch_size, cfg.max_patch_size + 1))
+    hw = int(rng.integers(1, min(cfg.max_tokens_per_side, SUB // p) + 1))
+    n_st = sum(MODALITIES[m].num_bandsets for m in cfg.modalities if MODALITIES[m].temporal)
+    n_static = sum(MODALITIES[m].num_bandsets for m in cfg.modalities if not MODALITIES[m].temporal)
+    while hw > 1 and hw * hw * (n_static + max(n_st, 0) * 1) > cfg.token_budget:
+        hw -= 1
+    t = (
+        MAX_TIMESTEPS
+        if n_st == 0
+        else min(MAX_TIMESTEPS, (cfg.token_budget - hw * hw * n_static) // (hw * hw * n_st))
+    )
+    if t < 1:
+        raise ValueError(f"token_budget {cfg.token_budget} cannot hold one timestep of {cfg.modalities}")
+    return p, hw, int(t)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Worker side: one window -> its batches
+
+
+def window_batches(item: dict, cfg_json: str, norm_json: str, endpoint: str | None) -> list[dict]:
+    """Ray Data flat_map: read the window's cells, crop, mask, normalise and collate its batches."""
+    import pyarrow.parquet as pq
+
+    cfg = StreamConfig(**json.loads(cfg_json))
+    norm = NormStats.from_dict(json.loads(norm_json))
+    storage = Storage(endpoint)
+    subs, epoch, j = item["subs"], item["epoch"], item["window"]
+    B = cfg.batch_size
+    rng = np.random.default_rng([cfg.seed, epoch, j, 29])
+    order = rng.permutation(len(subs))
+    chunks = [order[i : i + B] for i in range(0, item["num_batches"] * B, B)]
+    shapes = [draw_batch_shape(rng, cfg) for _ in chunks]
+    # per sample: crop offsets and a time-window position u in [0, 1), drawn up front (deterministic)
+    crop = {}
+    for (p, hw, _), idx in zip(shapes, chunks, strict=True):
+        side = hw * p
+        for i in idx:
+            crop[int(i)] = (
+                side,
+                int(rng.integers(0, SUB - side + 1)),
+                int(rng.integers(0, SUB - side + 1)),
+                float(rng.random()),
+            )
+    skip = item.get("skip", 0)
+    needed = {int(i) for idx in chunks[skip:] for i in idx}
+
+    # read each needed cell once, cut every needed sample of it
+    by_cell: dict[tuple, list[int]] = {}
+    for i in sorted(needed):
+        path, r, _ = subs[i]
+        by_cell.setdefault((path, r), []).append(i)
+    cut: dict[int, tuple[dict, np.ndarray]] = {}
+    files = {}
+    root = cfg.shards_uri
+    for (path, r), idxs in sorted(by_cell.items()):
+        if path not in files:
+            fs, p_ = storage.pyarrow_fs(join(root, path))
+            files[path] = pq.ParquetFile(fs.open_input_file(p_))
+        row = files[path].read_row_group(r, columns=["months", *cfg.modalities]).to_pylist()[0]
+        months = np.asarray(row["months"], np.int64)
+        T = len(months)
+        for i in idxs:
+            side, oy, ox, u = crop[i]
+            q = subs[i][2]
+            y0, x0 = (q // 2) * SUB + oy, (q % 2) * SUB + ox
+            spatial = {}
+            for m in cfg.modalities:  # keep only the spatial crop (all timesteps): bounded memory per window
+                if row[m] is not None:
+                    spatial[m] = decode_modality(row[m], m, T)[y0 : y0 + side, x0 : x0 + side].copy()
+                else:
+                    spatial[m] = side
+            cut[i] = (spatial, months, T, u)
+        del row
+    out = []
+    for b, ((p, hw, t_budget), idx) in enumerate(zip(shapes, chunks, strict=True)):
+        if b < skip:
+            continue
+        t_b = min(t_budget, max(cut[int(i)][2] for i in idx))
+        xs, ms, ma, mb = [], [], [], []
+        for i in idx:
+            cells, months, T, u = cut[int(i)]
+            t0 = int(u * (T - t_b + 1)) if T > t_b else 0
+            x = {}
+            side = p * hw
+            for m, a in cells.items():
+                mod = MODALITIES[m]
+                tm = t_b if mod.temporal else 1
+                if not isinstance(a, np.ndarray):  # the sample lacks this modality
+                    x[m] = np.full((side, side, tm, mod.num_bands), np.nan, np.float32)
+                    continue
+                a = a[:, :, t0 : t0 + tm] if mod.temporal else a
+                a = a.astype(np.float32)
+                if a.shape[2] < tm:  # the sample has fewer timesteps than the batch: pad as missing
+                    pad = np.full((side, side, tm - a.shape[2], mod.num_bands), np.nan, np.float32)
+                    a = np.concatenate([a, pad], axis=2)
+                x[m] = a
+            mon = months[t0 : t0 + t_b]
+            if len(mon) < t_b:
+                last = mon[-1] if len(mon) else 0
+                mon = np.concatenate([mon, (last + 1 + np.arange(t_b - len(mon))) % 12])
+            present = token_presence(x, p)
+            kw = dict(encode_ratio=cfg.encode_ratio, decode_ratio=cfg.decode_ratio,
+                      min_encoded_bandsets=cfg.min_encoded_bandsets)  # fmt: skip
+            ma.append(modality_cross_random(present, rng, **kw))
+            mb.append(modality_cross_random(present, rng, **kw))
+            xs.append({m: np.nan_to_num(norm.normalise(m, v), nan=0.0) for m, v in x.items()})
+            ms.append(mon)
+        batch = {
+            "x": {m: np.stack([s[m] for s in xs]).astype(np.float32) for m in cfg.modalities},
+            "months": np.stack(ms).astype(np.int64),
+            "patch_size": int(p),
+            "mask_a": {m: np.stack([s[m] for s in ma]) for m in cfg.modalities},
+            "mask_b": {m: np.stack([s[m] for s in mb]) for m in cfg.modalities},
+        }
+        out.append({"batch": pickle.dumps(batch, protocol=5), "index": item["first_batch"] + b, "epoch": epoch,
+                    "num_samples": len(idx), "samples": json.dumps([subs[int(i)] for i in idx])})  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driver side
+
+
+def training_dataset(cfg: StreamConfig, storage: Storage, epoch: int = 0, skip_batches: int = 0):
+    """A Ray Dataset of one epoch, one row per collated batch, in a fixed order for (seed, epoch); the first
+    `skip_batches` batches are left out (resume)."""
+    import ray
+
+    manifest = load_manifest(cfg.shards_uri, storage)
+    norm = load_norm_stats(cfg.shards_uri, storage)
+    items = []
+    for w in epoch_plan(cfg, storage, epoch, manifest):
+        end = w["first_batch"] + w["num_batches"]
+        if end <= skip_batches:
+            continue
+        w = dict(w, epoch=epoch, skip=max(0, skip_batches - w["first_batch"]))
+        items.append(w)
+    if not items:
+        raise ValueError(f"epoch {epoch} has no batches after skipping {skip_batches} ({cfg.shards_uri})")
+    norm_json = json.dumps(_norm_dict(norm))
+    fn = functools.partial(window_batches, cfg_json=json.dumps(asdict(cfg)), norm_json=norm_json,
+                           endpoint=storage.endpoint)  # fmt: skip
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.flat_map(fn, num_cpus=cfg.num_cpus_per_task)
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def _norm_dict(norm: NormStats) -> dict:
+    return norm.to_dict()
+
+
+def to_torch(batch: dict, device="cpu") -> dict:
+    import torch
+
+    def t(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    return {
+        "x": {m: t(v) for m, v in batch["x"].items()},
+        "months": t(batch["months"]),
+        "patch_size": int(batch["patch_size"]),
+        "mask_a": {m: t(v) for m, v in batch["mask_a"].items()},
+        "mask_b": {m: t(v) for m, v in batch["mask_b"].items()},
+    }
+
+
+def iter_training_batches(shard_or_dataset, cfg: StreamConfig, device="cpu") -> Iterator[dict]:
+    """Iterate a training_dataset (or its ray.train.get_dataset_shard) as layout.py batches of torch tensors."""
+    it = shard_or_dataset.iter_batches(
+        batch_size=1, batch_format="pyarrow", prefetch_batches=cfg.prefetch_batches
+    )
+    for table in it:
+        for raw in table.column("batch"):
+            yield to_torch(pickle.loads(raw.as_buffer()), device)
+
+
+def check_batch(batch: dict, cfg: StreamConfig) -> None:
+    """Assert the layout.py contract (used by tests and the bench): shapes, budget, maps never encoded."""
+    from olmoearth.layout import ENCODER
+
+    p = batch["patch_size"]
+    B, T = batch["months"].shape
+    for m in cfg.modalities:
+        mod = MODALITIES[m]
+        x = batch["x"][m]
+        assert x.shape[0] == B and x.shape[3] == (T if mod.temporal else 1) and x.shape[4] == mod.num_bands, (
+            m,
+            x.shape,
+        )
+        h, w = x.shape[1] // p, x.shape[2] // p
+        for key in ("mask_a", "mask_b"):
+            mk = batch[key][m]
+            assert tuple(mk.shape) == (B, h, w, x.shape[3], mod.num_bandsets), (m, key, mk.shape)
+            if not mod.encoder_input:
+                assert not bool((mk == ENCODER).any()), f"{m} marked for the encoder"
+    n_tok = sum(int(np.prod(batch["mask_a"][m].shape[1:])) for m in cfg.modalities)
+    assert n_tok <= cfg.token_budget, (n_tok, cfg.token_budget)

@@ -1,0 +1,33 @@
+"""`olmoearth embed`: embed a large area into a georeferenced embedding map (logic in serve/embed_area.py).
+
+    olmoearth embed --config configs/embed_area.yaml --out s3://bucket/maps/x --bbox '[-76.1, 36.8, -75.9, 37.0]'
+
+Exits 1 when a tile failed (the report names each one; rerun to retry only the unfinished tiles)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from olmoearth.config import load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray
+
+    from serve.embed_area import EmbedAreaConfig, embed_area
+
+    cfg = load_config(EmbedAreaConfig, argv, description=__doc__)
+    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
+    report = embed_area(cfg)
+    summary = {k: report[k] for k in ("area_km2", "tiles", "encoded", "skipped_finished", "failed", "empty", "outputs")}
+    print(json.dumps(summary, indent=1))
+    if report["failed"]:
+        print(f"{len(report['failed'])} tile(s) failed; rerun the same command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Fast checks of the serving parts that need no Ray: request parsing and validation, tiling and blend
+weights, the UTM grid of an area, int8 quantisation and the GeoTIFF source's warping."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from serve.inputs import BadRequest, Limits, parse_months, parse_npz, validate
+from serve.tiling import Grid, make_tiles, starts, tile_weights
+
+
+def npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_validate_accepts_good_input_and_maps_missing_to_nan():
+    x = np.full((2, 8, 8, 3, 12), 1000.0, np.float32)
+    x[0, 0, 0, 0, 0] = -99999.0
+    out, months = validate({"sentinel2_l2a": x}, None, 4, Limits())
+    assert np.isnan(out["sentinel2_l2a"][0, 0, 0, 0, 0]) and months.tolist() == [[0, 1, 2], [0, 1, 2]]
+    inp = parse_npz(npz(sentinel2_l2a=x, months=np.array([4, 5, 6])), 4, Limits())
+    assert inp.months.tolist() == [[4, 5, 6]] * 2 and inp.batch == 2
+
+
+@pytest.mark.parametrize(
+    "x, p, field",
+    [
+        ({"sentinel2_l2a": np.ones((1, 8, 8, 1, 11))}, 4, "sentinel2_l2a"),  # band count
+        ({"landsat": np.ones((1, 8, 4, 1, 11))}, 4, "landsat"),  # not square
+        ({"sentinel1": np.ones((1, 12, 12, 1, 2))}, 8, "patch_size"),  # 12 % 8
+        ({"srtm": np.ones((1, 8, 8, 1, 1))}, 4, "srtm"),  # decode-only map
+        ({"sentinel5": np.ones((1, 8, 8, 1, 1))}, 4, "sentinel5"),
+        ({"sentinel1": np.full((1, 8, 8, 1, 2), np.nan)}, 4, "sentinel1"),  # nothing there
+        ({"sentinel1": np.ones((1, 8, 8, 13, 2))}, 4, "sentinel1"),  # > 12 timesteps
+        ({"sentinel1": np.ones((1, 8, 8, 1, 2)), "landsat": np.ones((1, 8, 8, 2, 11))}, 4, "sentinel1"),  # T differs
+    ],
+)
+def test_validate_names_the_bad_field(x, p, field):
+    with pytest.raises(BadRequest) as e:
+        validate(x, None, p, Limits())
+    assert e.value.field == field and e.value.status == 400
+
+
+def test_oversize_is_413_and_months_are_checked():
+    with pytest.raises(BadRequest) as e:
+        validate({"sentinel1": np.ones((1, 64, 64, 1, 2))}, None, 4, Limits(max_tile=32))
+    assert e.value.status == 413
+    assert parse_months("3,4", 2, 1).tolist() == [[3, 4]]
+    for bad in ("3", "1,x", "12,1"):
+        with pytest.raises(BadRequest) as e:
+            parse_months(bad, 2, 1)
+        assert e.value.field == "months"
+
+
+def test_multipart_parser_splits_files_and_fields():
+    import requests
+
+    from serve.app import parse_multipart
+
+    req = requests.Request("POST", "http://x/embed", files={"sentinel1": ("a.tif", b"\x00\x01binary", "image/tiff")},
+                           data={"months": "1,2"}).prepare()  # fmt: skip
+    files, fields = parse_multipart(req.body, req.headers["Content-Type"])
+    assert files == {"sentinel1": b"\x00\x01binary"} and fields == {"months": "1,2"}
+    with pytest.raises(BadRequest) as e:
+        parse_multipart(b"--x--", "multipart/form-data")
+    assert e.value.field == "Content-Type"
+
+
+def test_tiles_cover_the_grid_and_blending_is_exact_where_one_tile_reaches():
+    grid = Grid("EPSG:32618", 0.0, 0.0, 200, 136)
+    tiles = make_tiles(grid, 64, 16, 4)
+    assert starts(200, 64, 48) == [0, 48, 96, 136] and starts(136, 64, 48) == [0, 48, 72]
+    n_rows, n_cols = 3, 4
+    acc = np.zeros((136 // 4, 200 // 4))
+    covered = np.zeros_like(acc)
+    for t in tiles:
+        w = tile_weights(t, n_cols, n_rows, 4, 16)
+        acc[t.y // 4 : t.y // 4 + 16, t.x // 4 : t.x // 4 + 16] += w
+        covered[t.y // 4 : t.y // 4 + 16, t.x // 4 : t.x // 4 + 16] += 1
+    assert (covered >= 1).all() and (acc > 0).all()
+    # where only one tile reaches, its weight is exactly 1 (so the mosaic equals that tile)
+    assert np.all(acc[covered == 1] == 1.0)
+    with pytest.raises(ValueError, match="multiples of patch_size"):
+        make_tiles(grid, 62, 16, 4)
+
+
+def test_area_grid_picks_the_utm_zone_and_snaps_outward():
+    from serve.geo import area_grid, utm_epsg
+
+    assert utm_epsg(-75.9, 37.1) == 32618 and utm_epsg(151.2, -33.9) == 32756
+    crs, (x0, y0), w, h = area_grid((-75.98, 37.10, -75.88, 37.18), "EPSG:4326", None, 10.0, 40.0)
+    assert crs == "EPSG:32618" and x0 % 40 == 0 and y0 % 40 == 0 and w % 4 == 0 and h % 4 == 0
+    assert 8000 < w * 10 < 10000 and 8000 < h * 10 < 10000
+
+
+def test_int8_quantisation_roundtrip():
+    from serve.geo import dequantise_int8, quantise_int8
+
+    e = np.random.default_rng(0).normal(size=(5, 5, 8)).astype(np.float32)
+    e[0, 0] = np.nan
+    scale = float(np.nanmax(np.abs(e))) / 127
+    q = quantise_int8(e, scale)
+    back = dequantise_int8(q, scale)
+    assert q.dtype == np.int8 and (q[0, 0] == -128).all() and np.isnan(back[0, 0]).all()
+    ok = np.isfinite(e)
+    assert np.abs(back[ok] - e[ok]).max() <= scale / 2 + 1e-7
+
+
+def test_geotiff_source_warps_onto_the_grid(tmp_path):
+    import rasterio
+    from affine import Affine
+
+    from pipelines.storage import Storage
+    from serve.sources import GeoTiffSource
+    from serve.tiling import Tile
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(1, 5000, (24, 50, 50)).astype(np.uint16)  # 2 timesteps x 12 bands
+    path = str(tmp_path / "s2.tif")
+    with rasterio.open(path, "w", driver="GTiff", width=50, height=50, count=24, dtype="uint16", crs="EPSG:32618",
+                       transform=Affine(10, 0, 1000, 0, -10, 5000), nodata=0) as ds:  # fmt: skip
+        ds.write(arr)
+    src = GeoTiffSource({"sentinel2_l2a": [path]}, [6, 7], Storage())
+    grid = Grid("EPSG:32618", 1100.0, 4900.0, 64, 64)  # 10 px right / down of the file's corner
+    x = src.read(Tile(0, 0, 0, 0, 32), grid)["sentinel2_l2a"]  # (32, 32, 2, 12)
+    want = np.moveaxis(arr[:, 10:42, 10:42], 0, -1).reshape(32, 32, 2, 12).astype(np.float32)
+    np.testing.assert_array_equal(x, want)
+    far = src.read(Tile(0, 1, 24, 24, 32), grid)["sentinel2_l2a"]  # half outside the file -> NaN there
+    assert np.isnan(far[-5:, -5:]).all() and np.isfinite(far[:5, :5]).all()
+    bad = str(tmp_path / "bad.tif")
+    with rasterio.open(bad, "w", driver="GTiff", width=4, height=4, count=5, dtype="uint16", crs="EPSG:32618",
+                       transform=Affine(10, 0, 0, 0, -10, 0)) as ds:  # fmt: skip
+        ds.write(np.ones((5, 4, 4), np.uint16))
+    with pytest.raises(ValueError, match="not a multiple of 12"):
+        GeoTiffSource({"sentinel2_l2a": [bad]}, None, Storage())
