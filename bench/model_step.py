@@ -16,7 +16,7 @@ all 12 bandsets (S2 x3, S1, Landsat x2 and the six maps), patch 4, 6x6 tokens pe
 tokens/s counts the 2160 sample tokens x 16 per step for all three. Runs are interleaved (a, b, c, a, b,
 c, ...) so load from other processes hits all alike; the median step time is reported.
 
-    python bench/model_step.py [--sizes nano,tiny] [--steps 3] [--device cpu]
+    python bench/model_step.py [--sizes nano,tiny] [--steps 1] [--device cpu]
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def sync(device):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="nano,tiny")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per implementation (after 1 warm-up)")
+    ap.add_argument("--steps", type=int, default=1, help="timed steps per implementation (after 1 warm-up)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads (0: torch's default); 1 avoids stalls on a shared, loaded machine")

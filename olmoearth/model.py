@@ -187,3 +187,18 @@ def original_name(ours: str) -> str | None:
     if ours.startswith("target_projection."):
         return "target_encoder.patch_embeddings." + ours[len("target_projection."):]
     return ours
+
+
+def load_original_state_dict(model: LatentMIM, state_dict: dict) -> None:
+    """Load the original LatentMIM's state dict (weights.pth) into `model` through `original_name`, strictly:
+    every key of ours must be present, and the original's leftovers must be the documented extras."""
+    ours = model.state_dict()
+    missing = [original_name(k) for k in ours if original_name(k) not in state_dict]
+    if missing:
+        raise ValueError(f"original state dict lacks {len(missing)} key(s), e.g. {missing[:3]}")
+    used = {original_name(k) for k in ours}
+    extra = [k for k in state_dict if k not in used
+             and not (k.endswith("month_embed.weight") or k.startswith("target_encoder."))]
+    if extra:
+        raise ValueError(f"original state dict has unmapped key(s) {extra[:5]}")
+    model.load_state_dict({k: state_dict[original_name(k)] for k in ours}, strict=True)

@@ -178,7 +178,8 @@ class TileWorker:
                 self.write_status(tile_id, {"status": status[i], "error": errors[i]})
             seconds.append((time.time() - t0) / len(rows))
         return {"tile": np.array([Tile(int(r["row"]), int(r["col"]), 0, 0, 0).id for r in rows]),
-                "status": np.array(status), "error": np.array(errors), "seconds": np.array(seconds)}  # fmt: skip
+                "status": np.array(status), "error": np.array(errors), "seconds": np.array(seconds),
+                "t_done": np.full(len(rows), time.time())}  # fmt: skip
 
     def write(self, tile: Tile, emb: np.ndarray) -> None:
         import io
@@ -273,7 +274,6 @@ def run_tiles(cfg: EmbedAreaConfig, grid: Grid, todo: list[Tile], on_done) -> li
     rows = []
     for row in ds.iter_rows():
         row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-        row["t"] = time.time()
         rows.append(row)
         on_done(row)
     return rows
@@ -329,11 +329,13 @@ def embed_area(cfg: EmbedAreaConfig) -> dict:
 
 
 def steady_rate(rows: list[dict], per_tile_km2: float, batch: int) -> float | None:
-    """km² per second between the first and the last result batch (start-up excluded)."""
-    ts = sorted(r["t"] for r in rows)
-    if len(ts) <= batch or ts[-1] <= ts[batch - 1]:
+    """km² per second from the end of the first tile batch to the end of the last one, timed in the workers
+    (start-up of actors and encoder excluded): the rate a long job runs at."""
+    ts = sorted(r["t_done"] for r in rows)
+    later = [t for t in ts if t > ts[0]]
+    if not later:
         return None
-    return (len(ts) - batch) * per_tile_km2 / (ts[-1] - ts[batch - 1])
+    return len(later) * per_tile_km2 / (later[-1] - ts[0])
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -4,8 +4,6 @@ and the UTM grid of an area of interest."""
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 import numpy as np
 
@@ -94,17 +92,3 @@ def area_grid(bbox, bbox_crs: str, crs: str | None, resolution: float, snap: flo
     x1, y0 = math.ceil(maxx / snap) * snap, math.floor(miny / snap) * snap
     return crs, (x0, y1), int(round((x1 - x0) / resolution)), int(round((y1 - y0) / resolution))
 
-
-def upload_file(storage, local: str, uri: str) -> None:
-    if storage is None or not uri.startswith("s3://"):
-        if os.path.abspath(local) != os.path.abspath(uri):
-            os.makedirs(os.path.dirname(os.path.abspath(uri)) or ".", exist_ok=True)
-            import shutil
-
-            shutil.copyfile(local, uri)
-        return
-    storage.fs(uri).put(local, uri)
-
-
-def local_tmpdir() -> str:
-    return tempfile.mkdtemp(prefix="olmoearth-embed-")
