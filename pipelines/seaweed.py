@@ -66,6 +66,8 @@ class SeaweedServer:
             f"-volume.port={free_grpc_port()}", f"-filer.port={free_grpc_port()}",
             # fixed default ports of the Iceberg and Lance listeners would collide between servers: off
             "-s3.port.iceberg=0", "-s3.port.lance=0",
+            # many small buckets (one per test): more, smaller volumes, else "No writable volumes"
+            "-volume.max=200", "-master.volumeSizeLimitMB=256",
         ]  # fmt: skip
         log = open(os.path.join(self.data_dir, "weed.log"), "ab")
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -47,6 +47,6 @@ def ray_cluster(s3_server):
     starves behind train workers. Depends on s3_server so that workers inherit its AWS_* environment."""
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
