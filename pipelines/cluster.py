@@ -19,4 +19,5 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
     logical = num_cpus or max(8, 2 * (os.cpu_count() or 2))
-    ray.init(num_cpus=logical, include_dashboard=False)
+    # address="local": always a fresh embedded cluster, never one that `ray start` left on this machine
+    ray.init(address="local", num_cpus=logical, include_dashboard=False)
