@@ -9,14 +9,15 @@ Plan, then a Ray Data pipeline over *parts* (one part = one output shard):
    of `samples_per_shard`; the plan is written to `<out>/plan.json` and reused by every rerun (samples
    that appear later go to new parts);
 3. `ray.data.from_items(parts).map(build_part)`: each task reads its samples one by one (one GET per
-   file), validates them (pipelines/raster.py), grids every bandset onto 10 m, and appends one Parquet
+   file; the next sample's files are fetched concurrently, in a thread, while this one is processed),
+   validates them (pipelines/raster.py), grids every bandset onto 10 m, and appends one Parquet
    row group per sample to its shard through a streaming writer, so a worker holds one sample at a
    time whatever the corpus size. On finishing, it writes `<out>/_done/part-NNNNNN.json` (rows, bytes,
    rejects with file and reason, per-band partial statistics). Parts with a done marker are skipped by a
    rerun: the build is idempotent and resumes after a crash (a shard is only visible once complete:
    local files are renamed into place, S3 objects appear when their upload completes);
-4. per-band normalisation statistics: a Ray Data aggregation (`BandStats`, Chan's parallel
-   mean/variance merge plus min/max) over the done markers -> `<out>/norm_stats.json`;
+4. per-band normalisation statistics: the done markers' partial statistics (computed while writing the
+   shard) merged on the driver (Chan's parallel mean/variance merge plus min/max) -> `<out>/norm_stats.json`;
 5. `<out>/manifest.json` (shards with row counts, totals, rejects by reason) and `<out>/rejects.jsonl`.
    Counts add up: samples found == samples written + samples rejected (checked before writing).
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -124,32 +126,6 @@ def stats_to_norm_json(acc: np.ndarray) -> dict:
     return out
 
 
-def _band_stats_agg():
-    """A Ray Data aggregation over rows carrying a `stats` column (flattened (5, NB) float64)."""
-    from ray.data.aggregate import AggregateFnV2
-
-    class BandStats(AggregateFnV2):
-        def __init__(self):
-            super().__init__(
-                "band_stats", zero_factory=lambda: _empty_stats().tolist(), on="stats", ignore_nulls=True
-            )
-
-        def aggregate_block(self, block):
-            col = block.column("stats").to_pylist()
-            acc = _empty_stats()
-            for v in col:
-                acc = merge_stats(acc, np.asarray(v, np.float64).reshape(5, NB))
-            return acc.tolist()
-
-        def combine(self, current, new):
-            return merge_stats(np.asarray(current), np.asarray(new)).tolist()
-
-        def finalize(self, acc):
-            return acc
-
-    return BandStats()
-
-
 # ----------------------------------------------------------------------------------------------------------
 # One part -> one shard
 
@@ -174,8 +150,17 @@ def sample_table(sid: str, x: dict, months: np.ndarray) -> pa.Table:
         a = x.get(m)
         if a is not None and a.dtype != np.float16:
             a = np.clip(a, -F16_MAX, F16_MAX).astype("<f2")
-        data[m] = [None if a is None else a.tobytes()]
+        data[m] = _binary_cell(a)
     return pa.table(data, schema=shard_schema())
+
+
+def _binary_cell(a: np.ndarray | None) -> pa.Array:
+    """One binary cell holding `a`'s bytes without copying them (a null cell for None)."""
+    if a is None:
+        return pa.nulls(1, pa.binary())
+    a = np.ascontiguousarray(a)
+    offsets = pa.py_buffer(np.array([0, a.nbytes], np.int32))
+    return pa.Array.from_buffers(pa.binary(), 1, [None, offsets, pa.py_buffer(a.reshape(-1).view(np.uint8))])
 
 
 def decode_modality(row_value: bytes, modality: str, T: int) -> np.ndarray:
@@ -207,13 +192,19 @@ def build_part(item: dict) -> dict:
     acc = _empty_stats()
     fs_read = storage.fs(cfg.raw_uri)
     writer = stream = commit = None
-    for s in spec["samples"]:
+    # the next sample's files are fetched (concurrently) in a thread while this one is decoded and written:
+    # a worker holds at most one sample's decoded arrays plus the next sample's raw bytes
+    pool = ThreadPoolExecutor(1)
+    fetch = lambda s: pool.submit(_fetch_all, fs_read, [u for us in s["files"].values() for u in us])  # noqa: E731
+    samples = spec["samples"]
+    nxt = fetch(samples[0]) if samples else None
+    for j, s in enumerate(samples):
         sid = s["sample_id"]
         periods = {m: [(i, _date(a), _date(b)) for i, a, b in v] for m, v in s["periods"].items()}
+        got, nxt = nxt.result(), (fetch(samples[j + 1]) if j + 1 < len(samples) else None)
         try:
-            x, months, meta = load_sample(
-                sid, s["files"], periods, storage, read=fs_read.cat_file, dtype=np.float16, with_stats=True
-            )
+            x, months, meta = load_sample(sid, s["files"], periods, storage, read=_reader(got, fs_read),
+                                          dtype=np.float16, with_stats=True)  # fmt: skip
         except RejectError as e:
             rejects.append({"sample_id": sid, "file": e.file, "reason": e.reason, "detail": e.detail})
             continue
@@ -232,6 +223,7 @@ def build_part(item: dict) -> dict:
         rows.append(sid)
         bytes_in += meta["bytes"]
         del x
+    pool.shutdown()
     bytes_out = 0
     if writer is not None:
         writer.close()
@@ -251,6 +243,36 @@ def build_part(item: dict) -> dict:
     }
     storage.write_text(join(cfg.out_uri, "_done", f"part-{part:06d}.json"), json.dumps(record))
     return {"part": part, "rows": len(rows), "rejected": len(rejects), "bytes_in": bytes_in}
+
+
+def _fetch_all(fs, uris: list[str]) -> dict:
+    """{uri: bytes | the exception reading it raised}, all fetched concurrently (one GET per file)."""
+    if not uris:
+        return {}
+    try:
+        got = fs.cat_file(uris[0]) if len(uris) == 1 else fs.cat(uris, on_error="return")
+    except Exception as e:  # kept for the reader to raise when load_sample reads that file
+        return {u: e for u in uris}
+    if len(uris) == 1:
+        return {uris[0]: got}
+    # fsspec keys the result by its own normalisation of the path (s3fs: without "s3://")
+    return {u: got.get(u, got.get(fs._strip_protocol(u), KeyError(u))) for u in uris}
+
+
+def _reader(got: dict, fs):
+    """read(uri) -> bytes for load_sample from prefetched results (re-raising a read's error), else a GET."""
+
+    def read(uri):
+        v = got.get(uri)
+        if v is None:
+            return fs.cat_file(uri)
+        if isinstance(v, BaseException):
+            if isinstance(v, KeyError):
+                return fs.cat_file(uri)
+            raise v
+        return v
+
+    return read
 
 
 def _date(s: str):
@@ -340,18 +362,18 @@ def build_corpus(cfg: BuildConfig, storage: Storage | None = None) -> dict:
             bar.update(r["rows"] + r["rejected"])
         bar.close()
 
-    # 4. statistics over every done marker (this run's and earlier runs'), by a Ray Data aggregation
+    # 4. statistics over every done marker (this run's and earlier runs'): each marker carries its part's
+    # (5, NB) partial statistics, computed in the same pass that wrote the shard; merging these small rows
+    # on the driver (Chan's merge) replaces a second Ray Data job, whose start-up alone cost seconds
     marker_uris = [join(done_uri, f"part-{k:06d}.json") for k in range(len(plan["parts"]))]
-    markers = ray.data.from_items(
-        [{"uri": u} for u in marker_uris], override_num_blocks=min(len(marker_uris), 64) or 1
-    )
-    records = markers.map(lambda r: _read_marker(r["uri"], cfg.s3_endpoint))
-    acc = records.aggregate(_band_stats_agg())["band_stats"]
-    norm = stats_to_norm_json(np.asarray(acc).reshape(5, NB))
+    summaries = [json.loads(storage.read_text(u)) for u in marker_uris]
+    acc = _empty_stats()
+    for rec in summaries:
+        acc = merge_stats(acc, np.asarray(rec["stats"], np.float64).reshape(5, NB))
+    norm = stats_to_norm_json(acc)
     storage.write_text(join(cfg.out_uri, "norm_stats.json"), json.dumps(norm, indent=1))
 
-    # 5. manifest + rejects (markers without the stats vectors are small)
-    summaries = [json.loads(storage.read_text(u)) for u in marker_uris]
+    # 5. manifest + rejects
     rejects = [dict(r, part=s["part"]) for s in summaries for r in s["rejects"]]
     rejects += [
         {"sample_id": None, "file": uri, "reason": "bad_name", "detail": why} for uri, why in bad_names
@@ -394,11 +416,6 @@ def build_corpus(cfg: BuildConfig, storage: Storage | None = None) -> dict:
         "num_shards": len(manifest["shards"]),
         **this_run,
     }
-
-
-def _read_marker(uri: str, endpoint: str | None) -> dict:
-    rec = json.loads(Storage(endpoint).read_text(uri))
-    return {"part": rec["part"], "stats": rec["stats"]}
 
 
 def format_summary(s: dict) -> str:

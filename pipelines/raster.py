@@ -178,6 +178,7 @@ def load_sample(sid: str, files: dict[str, list[str]], periods: dict[str, list],
         n_img = len(periods.get(name, [])) if mod.temporal else None
         out = np.full((TILE_SIZE, TILE_SIZE, T if mod.temporal else 1, mod.num_bands), np.nan, dtype)
         st = np.zeros((5, mod.num_bands))
+        n_valid = 0  # values written (at 10 m), to count the NaN share without another pass
         for bs, sl in zip(mod.bandsets, mod.bandset_slices(), strict=True):
             uri = by_res.get(bs.resolution)
             if uri is None:
@@ -191,28 +192,20 @@ def load_sample(sid: str, files: dict[str, list[str]], periods: dict[str, list],
             nbytes += len(data)
             arr, profile = read_geotiff(data, name=uri)
             check_file(arr, profile, uri, name, epsg, col, row, bs.resolution, n_img)
-            vals = to_model_units(name, arr)  # (n_img*C | C, h, w) float32 at the stored resolution
-            res = bs.resolution
+            res, c = bs.resolution, bs.num_bands
             if res < BASE_GSD:
-                vals, res = to_10m(vals, res), BASE_GSD  # OSM: stride first, everything after is on 10 m
-            c = bs.num_bands
-            flat = vals.reshape(-1, c, vals.shape[-2] * vals.shape[-1])  # (n_img | 1, c, h*w)
-            ok = np.isfinite(flat)
-            if not ok.any():
-                raise RejectError("all_nodata", uri, "every pixel is nodata")
+                arr, res = to_10m(arr, res), BASE_GSD  # OSM: stride first, everything after is on 10 m
+            vals, st_b, nv = _convert(name, arr, c, dtype, with_stats, uri)  # (n_img*C | C, h, w) in dtype
             if with_stats:
-                st[:, sl] = _stats(flat, ok)
-            if dtype != np.float32:
-                vals = np.clip(vals, -F16_MAX, F16_MAX).astype(dtype)
-            vals = to_10m(vals, res)
-            if mod.temporal:
-                vals = vals.reshape(n_img, c, TILE_SIZE, TILE_SIZE).transpose(2, 3, 0, 1)  # (H, W, n_img, c)
-                out[:, :, slots[name], sl] = vals
-            else:
-                out[:, :, 0, sl] = vals.transpose(1, 2, 0)
+                st[:, sl] = st_b
+            n_valid += nv * int(round(res / BASE_GSD)) ** 2
+            _place(out, vals, res, c, slots[name] if mod.temporal else None, sl)
         x[name] = out
         stats[name] = st
-        nan_share[name] = float(np.isnan(out).mean())
+        if mod.temporal and len(np.unique(slots[name])) != len(slots[name]):  # images share a slot
+            nan_share[name] = float(np.count_nonzero(np.isnan(out)) / out.size)
+        else:  # every valid value landed in its own cell
+            nan_share[name] = float((out.size - n_valid) / out.size)
     meta = {
         "crs": f"EPSG:{epsg}",
         "transform": tuple(rl.cell_transform(col, row))[:6],
@@ -239,6 +232,74 @@ def _stats(flat: np.ndarray, ok: np.ndarray) -> np.ndarray:
     lo = np.where(okc, v, np.inf).min(1).astype(np.float64)
     hi = np.where(okc, v, -np.inf).max(1).astype(np.float64)
     return np.stack([n, mean, m2, lo, hi])
+
+
+def _convert(name: str, arr: np.ndarray, c: int, dtype, with_stats: bool, uri: str):
+    """Raw (n_img*C | C, h, w) -> (values in model units as `dtype`, NaN where missing; stats (5, c) or None;
+    number of valid values).
+    One pass per step: integer rasters go straight to `dtype` (exact for float32; for float16 the same
+    rounding as via float32, values clipped to the float16 range) and their statistics come from exact
+    per-band histograms; float rasters (Sentinel-1) go through float32 model units as before.
+    Raises RejectError("all_nodata")."""
+    _, nodata = rl.RAW_FORMAT[name]
+    if arr.dtype.kind == "f":
+        vals = to_model_units(name, arr)
+        flat = vals.reshape(-1, c, vals.shape[-2] * vals.shape[-1])  # (n_img | 1, c, h*w)
+        ok = np.isfinite(flat)
+        if not ok.any():
+            raise RejectError("all_nodata", uri, "every pixel is nodata")
+        st = _stats(flat, ok) if with_stats else None
+        if dtype != np.float32:
+            vals = np.clip(vals, -F16_MAX, F16_MAX, out=vals).astype(dtype)
+        return vals, st, int(np.count_nonzero(ok))
+    flat = arr.reshape(-1, c, arr.shape[-2] * arr.shape[-1])  # (n_img | 1, c, h*w)
+    lo_v = int(np.iinfo(arr.dtype).min)
+    hists = [np.bincount((flat[:, b].ravel().astype(np.int64) - lo_v) if lo_v else flat[:, b].ravel(),
+                         minlength=int(np.iinfo(arr.dtype).max) - lo_v + 1) for b in range(c)]  # fmt: skip
+    n_valid = flat.size
+    if nodata is not None:
+        k = int(nodata) - lo_v
+        n_valid -= sum(int(h[k]) for h in hists)
+        if n_valid == 0:
+            raise RejectError("all_nodata", uri, "every pixel is nodata")
+    st = None
+    if with_stats:
+        st = np.zeros((5, c))
+        for b, h in enumerate(hists):
+            h = h.astype(np.float64)
+            if nodata is not None:
+                h[int(nodata) - lo_v] = 0
+            v = np.arange(len(h), dtype=np.float64) + lo_v
+            n = h.sum()
+            if n > 0:
+                mean = (h * v).sum() / n
+                nz = np.flatnonzero(h)
+                st[:, b] = [n, mean, max(((h * v * v).sum()) - n * mean * mean, 0), v[nz[0]], v[nz[-1]]]
+            else:
+                st[:, b] = [0, 0, 0, np.inf, -np.inf]
+    src = arr
+    if dtype == np.float16 and arr.dtype.itemsize >= 2 and int(arr.max()) > F16_MAX:
+        src = np.minimum(arr, np.asarray(F16_MAX, arr.dtype))
+    vals = src.astype(dtype)
+    if nodata is not None:
+        np.copyto(vals, np.nan, where=arr == nodata)
+    return vals, st, n_valid
+
+
+def _place(out: np.ndarray, vals: np.ndarray, res: float, c: int, slots, sl: slice) -> None:
+    """Write one bandset (n_img*C | C, h, w) into out (256, 256, T, C_mod) at timesteps `slots` (None:
+    static, timestep 0) and bands `sl`, repeating coarser pixels by broadcasting (no repeated copy)."""
+    h, w = vals.shape[-2:]
+    f = int(round(res / BASE_GSD)) if res > BASE_GSD else 1
+    assert (h * f, w * f) == (TILE_SIZE, TILE_SIZE), (vals.shape, res)
+    src = vals.reshape(-1, c, h, w).transpose(2, 3, 0, 1)[:, None, :, None]  # (h, 1, w, 1, n, c)
+    o6 = out.reshape(h, f, w, f, out.shape[2], out.shape[3])  # a view
+    if slots is None:
+        o6[:, :, :, :, 0:1, sl] = src
+    elif len(slots) and np.array_equal(slots, np.arange(slots[0], slots[0] + len(slots))):
+        o6[:, :, :, :, int(slots[0]) : int(slots[0]) + len(slots), sl] = src
+    else:
+        o6[:, :, :, :, slots, sl] = src
 
 
 _CSV_CACHE: dict = {}

@@ -17,9 +17,9 @@ def main(argv=None) -> int:
     cfg = load_config(BuildConfig, argv, description=__doc__)
     if not cfg.raw_uri or not cfg.out_uri:
         raise SystemExit("olmoearth build-corpus: --raw_uri and --out_uri are required")
-    import ray
+    from pipelines.cluster import init_ray
 
-    ray.init()
+    init_ray()
     summary = build_corpus(cfg, Storage(cfg.s3_endpoint))
     print(format_summary(summary))
     return 0

@@ -106,6 +106,7 @@ def run(cfg: DemoConfig) -> dict:
             pretrain.main(["--config", os.path.join(ROOT, "configs/pretrain_nano_cpu.yaml"),
                            "--data.shards_uri", shards, "--run.storage_path", f"{s3}/runs",
                            "--run.name", "demo-nano", "--train.max_steps", str(cfg.pretrain_steps),
+                           "--optim.warmup_steps", str(max(1, cfg.pretrain_steps // 10)),
                            "--run.resume", "false"])  # fmt: skip
             run_uri = f"{s3}/runs/demo-nano"
 

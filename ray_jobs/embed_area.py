@@ -7,19 +7,18 @@ Exits 1 when a tile failed (the report names each one; rerun to retry only the u
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from olmoearth.config import load_config
+from pipelines.cluster import init_ray  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    import ray
 
     from serve.embed_area import EmbedAreaConfig, embed_area
 
     cfg = load_config(EmbedAreaConfig, argv, description=__doc__)
-    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
+    init_ray()
     report = embed_area(cfg)
     summary = {k: report[k] for k in ("area_km2", "tiles", "encoded", "skipped_finished", "failed", "empty", "outputs")}
     print(json.dumps(summary, indent=1))

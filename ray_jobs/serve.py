@@ -52,14 +52,16 @@ def parse(argv: list[str] | None):
     return config_from_args(ServeConfig, args)
 
 
+from pipelines.cluster import init_ray  # noqa: E402
+
+
 def main(argv: list[str] | None = None) -> int:
-    import ray
     from ray import serve
 
     from serve.app import run
 
     cfg = parse(argv)
-    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
+    init_ray()
     run(cfg)
     print(f"OlmoEarth endpoint on http://{cfg.host}:{cfg.port}{cfg.route_prefix} (model {cfg.model_uri}); Ctrl-C stops it",
           flush=True)  # fmt: skip

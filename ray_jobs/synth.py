@@ -40,9 +40,9 @@ def main(argv=None) -> int:
     if not cfg.out_uri:
         raise SystemExit("olmoearth synth: --out_uri is required")
     if cfg.ray_tasks > 0:
-        import ray
+        from pipelines.cluster import init_ray
 
-        ray.init()
+        init_ray()
     synth = SynthConfig(num_samples=cfg.num_samples, seed=cfg.seed, labelled=cfg.labelled,
                         missing_timestep_rate=cfg.missing_timestep_rate,
                         missing_modality_rate=cfg.missing_modality_rate, cloud_rate=cfg.cloud_rate,

@@ -454,15 +454,15 @@ class GeoBenchReader:
         return x, months, label
 
 
-def reader_from_config(kind: str, **kwargs):
+def reader_from_config(fmt: str, /, **kwargs):
     """'bigearthnet' | 'chips' | 'geobench' | 'synth' -> a reader."""
-    if kind == "synth":
+    if fmt == "synth":
         from pipelines.evaluation.synth_task import SynthTaskReader
 
         return SynthTaskReader(**kwargs)
     classes = {"bigearthnet": BigEarthNetReader, "chips": ChipFolderReader, "geobench": GeoBenchReader}
-    if kind not in classes:
-        raise ValueError(f"unknown dataset format {kind!r}; known: {sorted(classes) + ['synth']}")
-    return classes[kind](**kwargs)
+    if fmt not in classes:
+        raise ValueError(f"unknown dataset format {fmt!r}; known: {sorted(classes) + ['synth']}")
+    return classes[fmt](**kwargs)
 
 
