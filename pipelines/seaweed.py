@@ -101,6 +101,9 @@ class SeaweedServer:
             "AWS_ACCESS_KEY_ID": "olmoearth",
             "AWS_SECRET_ACCESS_KEY": "olmoearth",
             "AWS_DEFAULT_REGION": "us-east-1",
+            # pyarrow's AWS SDK streams checksums on multipart uploads that SeaweedFS refuses
+            "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+            "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
         }
 
     def __enter__(self) -> SeaweedServer:
