@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 import torch
 
-from olmoearth.modalities import ENCODER_MODALITIES, NormStats
+from olmoearth.modalities import ENCODER_MODALITIES, MODALITIES, NormStats
 
 
 def load_source(spec: dict, storage=None):
@@ -93,9 +93,16 @@ def band_stat_features(x: dict[str, np.ndarray], patch_size: int = 4, dense: boo
     (B, H/p, W/p, 2C). Modalities in registry order."""
     global _NORM
     _NORM = _NORM or NormStats.default()
+    present = [n for n in ENCODER_MODALITIES if n in x]
+    if not present:
+        raise ValueError(f"band_stats: no encoder modality in the chip (got {sorted(x)})")
+    B, H, W = np.asarray(x[present[0]]).shape[:3]
+    lead = (B, H // patch_size, W // patch_size) if dense else (B,)
     feats = []
     for name in ENCODER_MODALITIES:
-        if name not in x:
+        if name not in x:  # an absent modality: zeros, so every chip has the same feature layout
+            zeros = np.zeros((*lead, MODALITIES[name].num_bands), np.float32)
+            feats += [zeros, zeros]
             continue
         v = _NORM.normalise(name, np.asarray(x[name], np.float32))  # (B, H, W, T, C)
         if dense:
@@ -111,8 +118,6 @@ def band_stat_features(x: dict[str, np.ndarray], patch_size: int = 4, dense: boo
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN bands -> 0 below
             mean, std = np.nanmean(v, axis=axis), np.nanstd(v, axis=axis)
         feats += [np.nan_to_num(mean), np.nan_to_num(std)]
-    if not feats:
-        raise ValueError(f"band_stats: no encoder modality in the chip (got {sorted(x)})")
     return np.concatenate(feats, axis=-1).astype(np.float32)
 
 
