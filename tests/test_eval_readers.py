@@ -55,7 +55,11 @@ def test_bigearthnet_scored_end_to_end_with_ray_data(ben, ray_cluster):
     reader = BigEarthNetReader(s2_root, s1_root=s1_root, fractions=(0.5, 0.0, 0.5))
     rows = reader.rows()
     feats = extract_features(reader, rows, {"band_stats": {"kind": "band_stats"}}, batch_size=2, num_actors=2)
-    assert feats.features["band_stats"].shape == (6, 2 * 14)  # mean and std of 12 S2 + 2 S1 bands
+    # mean and std of every encoder band (12 S2 + 2 S1 + 11 Landsat): absent Landsat gives zeros, so that
+    # chips with and without a modality share one feature layout
+    band_stats = feats.features["band_stats"]
+    assert band_stats.shape == (6, 2 * 25)
+    assert np.all(band_stats[:, 2 * 14 :] == 0) and np.all(band_stats[:, : 2 * 12].std(axis=0) > 0)
     assert feats.labels.shape == (6, reader.info().num_classes)
     assert feats.ids == [r["id"] for r in rows]  # row order kept through the actor pool
     records = score_task(reader.info(), feats, k=20)
