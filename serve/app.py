@@ -98,12 +98,12 @@ def error(e: BadRequest) -> JSONResponse:
 class EncoderDeployment:
     def __init__(self, cfg: dict):
         from serve.model import Embedder
-        from serve.storage import CachedStorage
+        from pipelines.storage import Storage
 
         self.cfg = ServeConfig(**cfg)
         self.limits = Limits(self.cfg.max_tile, self.cfg.max_samples)
         device = "cuda" if self.cfg.num_gpus > 0 else "cpu"
-        self.embedder = Embedder(self.cfg.model_uri, CachedStorage(self.cfg.s3_endpoint), device=device,
+        self.embedder = Embedder(self.cfg.model_uri, Storage(self.cfg.s3_endpoint), device=device,
                                  num_threads=self.cfg.torch_threads or None)  # fmt: skip
         self.embed_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.embed_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pipelines.storage import Storage, is_s3, join
-from serve.storage import CachedStorage
 from serve.tiling import Grid, Tile, make_tiles, signature, tile_weights
 
 
@@ -124,7 +123,7 @@ class TileWorker:
 
         self.cfg = from_dict(EmbedAreaConfig, cfg)
         self.grid = Grid(**grid)
-        self.storage = CachedStorage(self.cfg.s3_endpoint)
+        self.storage = Storage(self.cfg.s3_endpoint)
         self.source = make_source(self.cfg, self.storage)
         self.embedder = None
         if self.cfg.engine == "ray_data":
@@ -284,7 +283,7 @@ def embed_area(cfg: EmbedAreaConfig) -> dict:
     from tqdm import tqdm
 
     check_config(cfg)
-    storage = CachedStorage(cfg.s3_endpoint)
+    storage = Storage(cfg.s3_endpoint)
     t_start = time.time()
     grid, tiles = plan(cfg)
     source = make_source(cfg, storage)  # validates the input on the driver before any work is sent out
