@@ -9,7 +9,9 @@ a human detail; the corpus build turns these into its rejects report. Reason cod
 
 Values come out in model units: nodata -> NaN, Sentinel-1 linear power -> dB. Bandsets are brought onto
 the 10 m grid as the original does: coarser bandsets by pixel repetition (20 m x2, 40 m x4), OSM 2.5 m by
-taking every 4th pixel.
+taking every 4th pixel. The corpus build keeps bandsets in *stored* form instead (`load_bandsets`: raw dtype
+at max(resolution, 10 m), S1 as float16 dB) and the training stream grids only the crops it cuts
+(`grid_crop`), which gives the same values as gridding the whole sample first.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ REASONS = {
     "no_spacetime_modality": "the sample has no Sentinel-2, Sentinel-1 or Landsat data",
     "vanished": "a file listed when planning was gone when read",
 }
+F16_MAX = 65504.0  # largest float16
 
 
 class RejectError(ValueError):
@@ -151,16 +154,93 @@ def sample_files(root_uri: str, sid: str) -> dict[str, list[str]]:
     }
 
 
+# How the build stores a bandset (pipelines/build.py, format 2): the raw dtype (lossless), except Sentinel-1,
+# which is stored in dB as float16 (NaN = nodata); at max(stored resolution, 10 m) (OSM 2.5 m is strided to 10 m
+# here, coarser bandsets keep their pixels and are repeated onto 10 m when read: `grid_crop`).
+
+
+def stored_dtype(modality: str) -> np.dtype:
+    return np.dtype(np.float16) if modality == "sentinel1" else np.dtype(rl.RAW_FORMAT[modality][0])
+
+
+def stored_fill(modality: str):
+    """The value a missing timestep holds in stored form (the nodata value; NaN for Sentinel-1)."""
+    nodata = rl.RAW_FORMAT[modality][1]
+    return np.nan if modality == "sentinel1" else (0 if nodata is None else nodata)
+
+
+def stored_resolution(resolution: float) -> float:
+    return max(float(resolution), BASE_GSD)
+
+
+def stored_to_model(modality: str, a: np.ndarray) -> np.ndarray:
+    """Stored values -> float32 model units (nodata -> NaN; Sentinel-1 is already dB with NaN)."""
+    out = a.astype(np.float32)
+    nodata = rl.RAW_FORMAT[modality][1]
+    if a.dtype.kind != "f" and nodata is not None:
+        out[a == nodata] = np.nan
+    return out
+
+
+def grid_crop(modality: str, arrays: list[np.ndarray], y0: int = 0, x0: int = 0, side: int = TILE_SIZE
+              ) -> np.ndarray:  # fmt: skip
+    """Stored bandsets [(T_m, C_bs, n, n) per bandset] -> float32 (side, side, T_m, C) model units of the 10 m
+    crop at rows y0.., columns x0..; coarser bandsets are repeated onto 10 m (only the crop's pixels)."""
+    mod = MODALITIES[modality]
+    t = arrays[0].shape[0]
+    out = np.empty((side, side, t, mod.num_bands), np.float32)
+    for bs, sl, a in zip(mod.bandsets, mod.bandset_slices(), arrays, strict=True):
+        f = int(round(stored_resolution(bs.resolution) / BASE_GSD))
+        if f == 1:
+            c = a[:, :, y0 : y0 + side, x0 : x0 + side]
+        else:  # the coarse pixels under the crop, repeated, then cut to the crop
+            cy, cx = y0 // f, x0 // f
+            c = a[:, :, cy : (y0 + side - 1) // f + 1, cx : (x0 + side - 1) // f + 1]
+            c = np.repeat(np.repeat(c, f, axis=2), f, axis=3)
+            c = c[:, :, y0 - cy * f : y0 - cy * f + side, x0 - cx * f : x0 - cx * f + side]
+        out[..., sl] = stored_to_model(modality, c).transpose(2, 3, 0, 1)
+    return out
+
+
+COARSEST = 4  # the largest 10 m pixels per stored pixel of any bandset (Sentinel-2 at 40 m)
+
+
+def cut_stored(modality: str, arrays: list[np.ndarray], y0: int, x0: int, side: int
+               ) -> tuple[list[np.ndarray], int, int]:  # fmt: skip
+    """The stored pixels under a 10 m crop (copies, all timesteps), cut on a COARSEST-aligned frame so that
+    every bandset starts at the same 10 m offset -> (arrays, dy, dx): `grid_crop(modality, arrays, dy, dx,
+    side)` then gives the crop."""
+    mod = MODALITIES[modality]
+    y_a, x_a = y0 - y0 % COARSEST, x0 - x0 % COARSEST
+    y_b, x_b = -(-(y0 + side) // COARSEST) * COARSEST, -(-(x0 + side) // COARSEST) * COARSEST
+    out = []
+    for bs, a in zip(mod.bandsets, arrays, strict=True):
+        f = int(round(stored_resolution(bs.resolution) / BASE_GSD))
+        out.append(a[:, :, y_a // f : y_b // f, x_a // f : x_b // f].copy())
+    return out, y0 - y_a, x0 - x_a
+
+
 def load_sample(sid: str, files: dict[str, list[str]], periods: dict[str, list], storage: Storage,
-                read=None, dtype=np.float32, with_stats: bool = False) -> tuple[dict, np.ndarray, dict]:  # fmt: skip
-    """Read, validate and grid one sample.
+                read=None, dtype=np.float32) -> tuple[dict, np.ndarray, dict]:  # fmt: skip
+    """Read, validate and grid one sample: `load_bandsets`, then every modality onto 10 m in model units.
+    Returns (x: {modality: (256, 256, T, C) in `dtype`, NaN where missing}, months, meta) as `read_sample`."""
+    bands, months, meta = load_bandsets(sid, files, periods, storage, read=read, float_dtype=np.float32)
+    x = {m: grid_crop(m, arrays).astype(dtype, copy=False) for m, arrays in bands.items()}
+    return x, months, meta
+
+
+def load_bandsets(sid: str, files: dict[str, list[str]], periods: dict[str, list], storage: Storage,
+                  read=None, with_stats: bool = False, float_dtype=np.float16) -> tuple[dict, np.ndarray, dict]:  # fmt: skip
+    """Read and validate one sample's files; keep every bandset in stored form (what the build writes).
 
     files: {modality: [uri of each bandset file present]}; periods: {modality: [(image_idx, start, end)]}
-    (temporal modalities); read(uri) -> bytes (default storage.read_bytes). Returns (x, months, meta) as
-    `read_sample` with x in `dtype`; meta also has "bytes" (raw bytes read), "nan_share" per modality and,
-    if with_stats, "stats": {modality: float64 (5, C) rows count, mean, M2, min, max over valid pixels}
-    (computed at the stored resolution: pixel repetition does not change them). Raises RejectError.
-    """
+    (temporal modalities); read(uri) -> bytes (default storage.read_bytes); float_dtype: the dtype of the
+    Sentinel-1 dB values (float16 is the stored form).
+    Returns (bands: {modality: [stored array (T_m, C_bs, n, n) per bandset, see stored_dtype]}, months
+    int64 (T,), meta {"crs", "transform", "bounds", "bytes" (raw bytes read)} plus, if with_stats,
+    "stats": {modality: float64 (5, C) rows count, mean, M2, min, max over valid pixels in model units}).
+    Images are placed on the sample's timeline of T slots; missing slots hold `stored_fill`.
+    Raises RejectError naming the file."""
     epsg, col, row = rl.parse_sample_id(sid)
     read = read or storage.read_bytes
     temporal = [m for m in files if m in MODALITIES and MODALITIES[m].temporal]
@@ -169,16 +249,15 @@ def load_sample(sid: str, files: dict[str, list[str]], periods: dict[str, list],
         raise RejectError("no_spacetime_modality", some, f"sample {sid} has only {sorted(files)}")
     slots, months = rl.sample_timeline({m: periods.get(m, []) for m in temporal})
     T = len(months)
-    x, nbytes, nan_share, stats = {}, 0, {}, {}
+    bands, nbytes, stats = {}, 0, {}
     for name in MODALITIES:
         if name not in files:
             continue
         mod = MODALITIES[name]
         by_res = {rl.parse_sample_name(u)[3]: u for u in files[name]}
         n_img = len(periods.get(name, [])) if mod.temporal else None
-        out = np.full((TILE_SIZE, TILE_SIZE, T if mod.temporal else 1, mod.num_bands), np.nan, dtype)
         st = np.zeros((5, mod.num_bands))
-        n_valid = 0  # values written (at 10 m), to count the NaN share without another pass
+        arrays = []
         for bs, sl in zip(mod.bandsets, mod.bandset_slices(), strict=True):
             uri = by_res.get(bs.resolution)
             if uri is None:
@@ -192,114 +271,110 @@ def load_sample(sid: str, files: dict[str, list[str]], periods: dict[str, list],
             nbytes += len(data)
             arr, profile = read_geotiff(data, name=uri)
             check_file(arr, profile, uri, name, epsg, col, row, bs.resolution, n_img)
-            res, c = bs.resolution, bs.num_bands
-            if res < BASE_GSD:
-                arr, res = to_10m(arr, res), BASE_GSD  # OSM: stride first, everything after is on 10 m
-            vals, st_b, nv = _convert(name, arr, c, dtype, with_stats, uri)  # (n_img*C | C, h, w) in dtype
+            if bs.resolution < BASE_GSD:  # OSM 2.5 m: every 4th pixel, as the original
+                arr = np.ascontiguousarray(to_10m(arr, bs.resolution))
+            c = bs.num_bands
+            vals, st_b = _to_stored(name, arr, c, with_stats, uri, float_dtype)  # (n_img | 1, c, n, n)
             if with_stats:
                 st[:, sl] = st_b
-            n_valid += nv * int(round(res / BASE_GSD)) ** 2
-            _place(out, vals, res, c, slots[name] if mod.temporal else None, sl)
-        x[name] = out
+            if mod.temporal and not np.array_equal(slots[name], np.arange(T)):
+                on_timeline = np.full((T, *vals.shape[1:]), stored_fill(name), vals.dtype)
+                on_timeline[slots[name]] = vals
+                vals = on_timeline
+            arrays.append(vals)
+        bands[name] = arrays
         stats[name] = st
-        if mod.temporal and len(np.unique(slots[name])) != len(slots[name]):  # images share a slot
-            nan_share[name] = float(np.count_nonzero(np.isnan(out)) / out.size)
-        else:  # every valid value landed in its own cell
-            nan_share[name] = float((out.size - n_valid) / out.size)
     meta = {
         "crs": f"EPSG:{epsg}",
         "transform": tuple(rl.cell_transform(col, row))[:6],
         "bounds": rl.cell_bounds(col, row),
         "bytes": nbytes,
-        "nan_share": nan_share,
     }
     if with_stats:
         meta["stats"] = stats
-    return x, months, meta
+    return bands, months, meta
 
 
-F16_MAX = 65504.0
-
-
-def _stats(flat: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """flat (n, c, p) float32 with NaN -> float64 (5, c): count, mean, M2, min, max per band."""
-    v = np.where(ok, flat, 0).transpose(1, 0, 2).reshape(flat.shape[1], -1)  # (c, n*p)
-    okc = ok.transpose(1, 0, 2).reshape(flat.shape[1], -1)
-    n = okc.sum(1).astype(np.float64)
-    s = v.sum(1, dtype=np.float64)
-    mean = np.divide(s, n, out=np.zeros_like(s), where=n > 0)
-    m2 = np.maximum((v * v).sum(1, dtype=np.float64) - n * mean * mean, 0)
-    lo = np.where(okc, v, np.inf).min(1).astype(np.float64)
-    hi = np.where(okc, v, -np.inf).max(1).astype(np.float64)
-    return np.stack([n, mean, m2, lo, hi])
-
-
-def _convert(name: str, arr: np.ndarray, c: int, dtype, with_stats: bool, uri: str):
-    """Raw (n_img*C | C, h, w) -> (values in model units as `dtype`, NaN where missing; stats (5, c) or None;
-    number of valid values).
-    One pass per step: integer rasters go straight to `dtype` (exact for float32; for float16 the same
-    rounding as via float32, values clipped to the float16 range) and their statistics come from exact
-    per-band histograms; float rasters (Sentinel-1) go through float32 model units as before.
+def _to_stored(name: str, arr: np.ndarray, c: int, with_stats: bool, uri: str, float_dtype=np.float16):
+    """Raw (n_img*C | C, n, n) -> (stored values (n_img | 1, C, n, n), stats (5, C) or None).
+    Integer rasters are stored as they are (no copy); Sentinel-1 goes to dB (NaN = nodata) in float_dtype.
+    Statistics are exact (integer sums) and take a few reductions, no histogram or sort.
     Raises RejectError("all_nodata")."""
     _, nodata = rl.RAW_FORMAT[name]
-    if arr.dtype.kind == "f":
-        vals = to_model_units(name, arr)
-        flat = vals.reshape(-1, c, vals.shape[-2] * vals.shape[-1])  # (n_img | 1, c, h*w)
-        ok = np.isfinite(flat)
-        if not ok.any():
+    n_side = arr.shape[-1]
+    if arr.dtype.kind == "f":  # Sentinel-1 linear power -> dB, in place on the freshly decoded array
+        vals = arr.reshape(-1, c, n_side, n_side)
+        good = vals > 0  # nodata (-32768), zero and NaN power have no dB value
+        if not good.any():
             raise RejectError("all_nodata", uri, "every pixel is nodata")
-        st = _stats(flat, ok) if with_stats else None
-        if dtype != np.float32:
-            vals = np.clip(vals, -F16_MAX, F16_MAX, out=vals).astype(dtype)
-        return vals, st, int(np.count_nonzero(ok))
-    flat = arr.reshape(-1, c, arr.shape[-2] * arr.shape[-1])  # (n_img | 1, c, h*w)
-    lo_v = int(np.iinfo(arr.dtype).min)
-    hists = [np.bincount((flat[:, b].ravel().astype(np.int64) - lo_v) if lo_v else flat[:, b].ravel(),
-                         minlength=int(np.iinfo(arr.dtype).max) - lo_v + 1) for b in range(c)]  # fmt: skip
-    n_valid = flat.size
-    if nodata is not None:
-        k = int(nodata) - lo_v
-        n_valid -= sum(int(h[k]) for h in hists)
-        if n_valid == 0:
-            raise RejectError("all_nodata", uri, "every pixel is nodata")
-    st = None
-    if with_stats:
-        st = np.zeros((5, c))
-        for b, h in enumerate(hists):
-            h = h.astype(np.float64)
-            if nodata is not None:
-                h[int(nodata) - lo_v] = 0
-            v = np.arange(len(h), dtype=np.float64) + lo_v
-            n = h.sum()
-            if n > 0:
-                mean = (h * v).sum() / n
-                nz = np.flatnonzero(h)
-                st[:, b] = [n, mean, max(((h * v * v).sum()) - n * mean * mean, 0), v[nz[0]], v[nz[-1]]]
-            else:
-                st[:, b] = [0, 0, 0, np.inf, -np.inf]
-    src = arr
-    if dtype == np.float16 and arr.dtype.itemsize >= 2 and int(arr.max()) > F16_MAX:
-        src = np.minimum(arr, np.asarray(F16_MAX, arr.dtype))
-    vals = src.astype(dtype)
-    if nodata is not None:
-        np.copyto(vals, np.nan, where=arr == nodata)
-    return vals, st, n_valid
-
-
-def _place(out: np.ndarray, vals: np.ndarray, res: float, c: int, slots, sl: slice) -> None:
-    """Write one bandset (n_img*C | C, h, w) into out (256, 256, T, C_mod) at timesteps `slots` (None:
-    static, timestep 0) and bands `sl`, repeating coarser pixels by broadcasting (no repeated copy)."""
-    h, w = vals.shape[-2:]
-    f = int(round(res / BASE_GSD)) if res > BASE_GSD else 1
-    assert (h * f, w * f) == (TILE_SIZE, TILE_SIZE), (vals.shape, res)
-    src = vals.reshape(-1, c, h, w).transpose(2, 3, 0, 1)[:, None, :, None]  # (h, 1, w, 1, n, c)
-    o6 = out.reshape(h, f, w, f, out.shape[2], out.shape[3])  # a view
-    if slots is None:
-        o6[:, :, :, :, 0:1, sl] = src
-    elif len(slots) and np.array_equal(slots, np.arange(slots[0], slots[0] + len(slots))):
-        o6[:, :, :, :, int(slots[0]) : int(slots[0]) + len(slots), sl] = src
+        np.log(vals, out=vals, where=good)  # natural log (vectorised) times 10 / ln 10 = 10 log10
+        vals *= np.float32(10.0 / np.log(10.0))
+        np.copyto(vals, np.float32(0), where=~good)
+        st = _float_stats(vals, good) if with_stats else None
+        np.copyto(vals, np.float32(np.nan), where=~good)
+        if float_dtype == np.float16:
+            np.clip(vals, -F16_MAX, F16_MAX, out=vals)
+        return vals.astype(float_dtype, copy=False), st
+    vals = arr.reshape(-1, c, n_side, n_side)
+    flat = vals.reshape(vals.shape[0], c, -1)
+    valid = None if nodata is None or nodata == 0 else flat != nodata
+    if nodata is None:
+        n = np.full(c, flat.shape[0] * flat.shape[2], np.int64)
     else:
-        o6[:, :, :, :, slots, sl] = src
+        src = flat if valid is None else valid
+        n = np.array([np.count_nonzero(src[:, b]) for b in range(c)], np.int64)
+    if not n.any():
+        raise RejectError("all_nodata", uri, "every pixel is nodata")
+    if not with_stats:
+        return vals, None
+    return vals, _int_stats(flat, n, nodata, valid)
+
+
+def _int_stats(flat: np.ndarray, n: np.ndarray, nodata, valid) -> np.ndarray:
+    """flat (k, c, p) integers, n valid values per band, valid mask (None: every value but a nodata of 0
+    counts) -> float64 (5, c) count, mean, M2, min, max. Sums and sums of squares are exact integers (a
+    nodata of 0 adds nothing to them, so the big rasters need no mask)."""
+    info = np.iinfo(flat.dtype)
+    z = flat if valid is None else np.where(valid, flat, 0)
+    s = z.sum(axis=(0, 2), dtype=np.int64)
+    sq_dtype = np.uint32 if info.min == 0 and info.bits <= 16 else np.int64  # squares of uint16 fit uint32
+    sq_v = z.astype(sq_dtype)
+    np.multiply(sq_v, sq_v, out=sq_v)
+    sq = sq_v.sum(axis=(0, 2), dtype=np.uint64 if sq_dtype == np.uint32 else np.int64)
+    if valid is not None:
+        lo = np.where(valid, flat, info.max).min(axis=(0, 2))
+        hi = np.where(valid, flat, info.min).max(axis=(0, 2))
+    elif nodata == 0 and info.min == 0:  # unsigned, nodata 0: x - 1 wraps 0 to the top
+        lo = (flat - flat.dtype.type(1)).min(axis=(0, 2)).astype(np.int64) + 1
+        hi = flat.max(axis=(0, 2))
+    else:
+        lo, hi = flat.min(axis=(0, 2)), flat.max(axis=(0, 2))
+    out = np.zeros((5, len(n)))
+    for b in range(len(n)):
+        nb, sb, qb = int(n[b]), int(s[b]), int(sq[b])
+        if nb == 0:
+            out[:, b] = [0, 0, 0, np.inf, -np.inf]
+        else:  # M2 = sum(x^2) - sum(x)^2 / n, in exact integers
+            out[:, b] = [nb, sb / nb, (qb * nb - sb * sb) / nb, float(lo[b]), float(hi[b])]
+    return out
+
+
+def _float_stats(z: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """z (k, c, h, w) float32 holding 0 where not good -> float64 (5, c) count, mean, M2, min, max of the
+    good values."""
+    c = z.shape[1]
+    v, g = z.reshape(z.shape[0], c, -1), good.reshape(z.shape[0], c, -1)
+    n = np.array([np.count_nonzero(g[:, b]) for b in range(c)], np.float64)
+    s = v.sum(axis=(0, 2), dtype=np.float64)
+    mean = np.divide(s, n, out=np.zeros_like(s), where=n > 0)
+    zc = v - mean.astype(np.float32)[None, :, None]  # centred: no cancellation
+    np.copyto(zc, np.float32(0), where=~g)
+    m2 = np.einsum("kcp,kcp->c", zc, zc, dtype=np.float64)
+    lo = np.where(g, v, np.float32(np.inf)).min(axis=(0, 2)).astype(np.float64)
+    hi = np.where(g, v, np.float32(-np.inf)).max(axis=(0, 2)).astype(np.float64)
+    out = np.stack([n, mean, m2, lo, hi])
+    out[3:, n == 0] = [[np.inf], [-np.inf]]
+    return out
 
 
 _CSV_CACHE: dict = {}

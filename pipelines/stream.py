@@ -43,7 +43,8 @@ import numpy as np
 
 from olmoearth.masking import modality_cross_random, token_presence
 from olmoearth.modalities import MAX_TIMESTEPS, MODALITIES, NormStats
-from pipelines.build import decode_modality
+from pipelines.build import FORMAT_VERSION, read_cell
+from pipelines.raster import cut_stored, grid_crop
 from pipelines.storage import Storage, join
 
 SUB = 128  # training sample side, pixels (a quarter of a 256 x 256 cell)
@@ -85,7 +86,11 @@ def load_manifest(shards_uri: str, storage: Storage) -> dict:
     uri = join(shards_uri, "manifest.json")
     if not storage.exists(uri):
         raise FileNotFoundError(f"{uri}: no manifest; run `olmoearth build-corpus` first")
-    return json.loads(storage.read_text(uri))
+    manifest = json.loads(storage.read_text(uri))
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{uri}: shard format {manifest.get('format_version')}, this stream reads format "
+                         f"{FORMAT_VERSION}; rebuild the corpus with `olmoearth build-corpus`")  # fmt: skip
+    return manifest
 
 
 def load_norm_stats(shards_uri: str, storage: Storage) -> NormStats:
@@ -164,7 +169,7 @@ def window_batches(item: dict, cfg_json: str, norm_json: str, endpoint: str | No
     cfg = StreamConfig(**json.loads(cfg_json))
     norm = NormStats.from_dict(json.loads(norm_json))
     storage = Storage(endpoint)
-    subs, epoch, j = item["subs"], item["epoch"], item["window"]
+    subs, epoch, j = json.loads(item["subs"]), item["epoch"], item["window"]
     B = cfg.batch_size
     rng = np.random.default_rng([cfg.seed, epoch, j, 29])
     order = rng.permutation(len(subs))
@@ -196,21 +201,17 @@ def window_batches(item: dict, cfg_json: str, norm_json: str, endpoint: str | No
         if path not in files:
             fs, p_ = storage.pyarrow_fs(join(root, path))
             files[path] = pq.ParquetFile(fs.open_input_file(p_))
-        row = files[path].read_row_group(r, columns=["months", *cfg.modalities]).to_pylist()[0]
-        months = np.asarray(row["months"], np.int64)
+        months, cell = read_cell(files[path], r, cfg.modalities)
         T = len(months)
         for i in idxs:
             side, oy, ox, u = crop[i]
             q = subs[i][2]
             y0, x0 = (q // 2) * SUB + oy, (q % 2) * SUB + ox
             spatial = {}
-            for m in cfg.modalities:  # keep only the spatial crop (all timesteps): bounded memory per window
-                if row[m] is not None:
-                    spatial[m] = decode_modality(row[m], m, T)[y0 : y0 + side, x0 : x0 + side].copy()
-                else:
-                    spatial[m] = side
+            for m in cfg.modalities:  # keep only the stored pixels under the crop: bounded memory per window
+                spatial[m] = side if cell[m] is None else cut_stored(m, cell[m], y0, x0, side)
             cut[i] = (spatial, months, T, u)
-        del row
+        del cell
     out = []
     for b, ((p, hw, t_budget), idx) in enumerate(zip(shapes, chunks, strict=True)):
         if b < skip:
@@ -222,14 +223,15 @@ def window_batches(item: dict, cfg_json: str, norm_json: str, endpoint: str | No
             t0 = int(u * (T - t_b + 1)) if T > t_b else 0
             x = {}
             side = p * hw
-            for m, a in cells.items():
+            for m, c in cells.items():
                 mod = MODALITIES[m]
                 tm = t_b if mod.temporal else 1
-                if not isinstance(a, np.ndarray):  # the sample lacks this modality
+                if not isinstance(c, tuple):  # the sample lacks this modality
                     x[m] = np.full((side, side, tm, mod.num_bands), np.nan, np.float32)
                     continue
-                a = a[:, :, t0 : t0 + tm] if mod.temporal else a
-                a = a.astype(np.float32)
+                arrays, dy, dx = c
+                arrays = [a[t0 : t0 + tm] for a in arrays] if mod.temporal else arrays
+                a = grid_crop(m, arrays, dy, dx, side)  # onto 10 m, model units, (side, side, t, C)
                 if a.shape[2] < tm:  # the sample has fewer timesteps than the batch: pad as missing
                     pad = np.full((side, side, tm - a.shape[2], mod.num_bands), np.nan, np.float32)
                     a = np.concatenate([a, pad], axis=2)
@@ -273,7 +275,8 @@ def training_dataset(cfg: StreamConfig, storage: Storage, epoch: int = 0, skip_b
         end = w["first_batch"] + w["num_batches"]
         if end <= skip_batches:
             continue
-        w = dict(w, epoch=epoch, skip=max(0, skip_batches - w["first_batch"]))
+        # subs as JSON: Arrow cannot hold the mixed [path, row, quadrant] lists (Ray would warn and pickle)
+        w = dict(w, epoch=epoch, skip=max(0, skip_batches - w["first_batch"]), subs=json.dumps(w["subs"]))
         items.append(w)
     if not items:
         raise ValueError(f"epoch {epoch} has no batches after skipping {skip_batches} ({cfg.shards_uri})")

@@ -157,3 +157,15 @@ def test_real_sentinel2_cut_onto_the_grid(s3_bucket, s3_server, with_s3):
     assert np.array_equal(s[::2, ::2, 0, j], direct["B11"].astype(np.float32))
     assert np.array_equal(s[1::2, 1::2, 0, j], direct["B11"].astype(np.float32))
     assert 100 < float(s[..., 0, i].mean()) < 5000 and float(s[..., 0, i].std()) > 50  # real texture
+
+
+def test_a_file_gone_since_listing_is_vanished(tmp_path):
+    """A file that was listed but is gone when read rejects its sample as `vanished`, naming the file."""
+    from pipelines.raster import load_bandsets
+
+    sid = rl.sample_id(32618, 4, -9)
+    gone = str(tmp_path / "10_sentinel1_monthly" / (sid + "_10.tif"))
+    periods = {"sentinel1": [(0, dt.date(2021, 1, 1), dt.date(2021, 1, 31))]}
+    with pytest.raises(RejectError) as e:
+        load_bandsets(sid, {"sentinel1": [gone]}, periods, Storage())
+    assert e.value.reason == "vanished" and e.value.file == gone

@@ -14,8 +14,8 @@ import pytest
 from olmoearth.layout import ENCODER, MISSING
 from olmoearth.modalities import MAP_MODALITIES, MODALITIES
 from pipelines import raw_layout as rl
-from pipelines.build import BuildConfig, build_corpus, decode_modality
-from pipelines.raster import geotiff_bytes
+from pipelines.build import BuildConfig, build_corpus, format_summary, read_cell
+from pipelines.raster import geotiff_bytes, grid_crop
 from pipelines.storage import Storage, join
 from pipelines.stream import (
     StreamConfig,
@@ -84,8 +84,10 @@ def corpus(s3_server, ray_cluster):
     text = storage.read_text(csv_uri) + rl.write_timesteps_csv(rows).split("\n", 1)[1]
     storage.write_text(csv_uri, text)
 
-    cfg = BuildConfig(raw_uri=raw, out_uri=out, s3_endpoint=s3_server.endpoint, samples_per_shard=4, seed=1)
-    first = build_corpus(cfg, storage)
+    # tiny timestep chunks: the CSVs are routed by several Ray tasks whose ranges split lines arbitrarily
+    cfg = BuildConfig(raw_uri=raw, out_uri=out, s3_endpoint=s3_server.endpoint, samples_per_shard=4, seed=1,
+                      timesteps_chunk_mb=300 / 2**20)  # fmt: skip
+    first = _build_without_driver_csv(cfg, storage)
     return {"storage": storage, "raw": raw, "out": out, "cfg": cfg, "first": first, "expected": expected,
             "bad_name": bad_name, "good": summary["sample_ids"]}  # fmt: skip
 
@@ -102,6 +104,8 @@ def test_build_counts_and_every_reject_reason(corpus):
         assert reason in by_reason, (reason, rejects)
         assert by_reason[reason]["file"] == uri, (reason, by_reason[reason])
     assert by_reason["bad_name"]["file"] == corpus["bad_name"] and s["files_bad_name"] == 1
+    text = format_summary(s)  # what `olmoearth build-corpus` prints at the end
+    assert f"written {N_GOOD}, rejected {n_bad}" in text and "wrong_crs 1" in text and "samples/s" in text
     manifest = load_manifest(out, storage)
     assert sum(sh["rows"] for sh in manifest["shards"]) == N_GOOD
     # every good sample id is in exactly one shard, with its data
@@ -110,14 +114,135 @@ def test_build_counts_and_every_reject_reason(corpus):
     ids = []
     for sh in manifest["shards"]:
         fs, path = storage.pyarrow_fs(join(out, sh["path"]))
-        t = pq.read_table(fs.open_input_file(path))
-        ids += t.column("sample_id").to_pylist()
-        T = len(t.column("months")[0].as_py())
-        s2 = t.column("sentinel2_l2a")[0].as_py()
-        if s2 is not None:
-            a = decode_modality(s2, "sentinel2_l2a", T)
-            assert a.shape == (256, 256, T, 12) and np.isfinite(a).any()
+        f = pq.ParquetFile(fs.open_input_file(path))
+        assert f.metadata.num_row_groups == sh["rows"]  # one row group per sample
+        ids += f.read(columns=["sample_id"]).column("sample_id").to_pylist()
+        months, cell = read_cell(f, 0, ["sentinel2_l2a"])
+        if cell["sentinel2_l2a"] is not None:
+            a = grid_crop("sentinel2_l2a", cell["sentinel2_l2a"])
+            assert a.shape == (256, 256, len(months), 12) and np.isfinite(a).any()
     assert sorted(ids) == sorted(corpus["good"])
+
+
+def _build_without_driver_csv(cfg, storage):
+    """build_corpus with the driver forbidden to parse a timestep CSV (the part tasks get their rows)."""
+    saved = rl.read_timesteps, rl.parse_timesteps_csv
+
+    def forbidden(*a, **k):
+        raise AssertionError("the driver parsed a timestep CSV")
+
+    rl.read_timesteps = rl.parse_timesteps_csv = forbidden
+    try:
+        return build_corpus(cfg, storage)
+    finally:
+        rl.read_timesteps, rl.parse_timesteps_csv = saved
+
+
+def test_shards_hold_what_the_reader_reads(corpus):
+    """A shard's stored bandsets, gridded (whole or cropped at any offset), equal read_sample of the raw files:
+    20/40 m repeated onto 10 m, OSM strided, missing months NaN, nodata NaN, S1 in dB (float16 in the shard)."""
+    import pyarrow.parquet as pq
+
+    from pipelines.raster import cut_stored, read_sample
+
+    storage, out, raw = corpus["storage"], corpus["out"], corpus["raw"]
+    sh = load_manifest(out, storage)["shards"][0]
+    fs, path = storage.pyarrow_fs(join(out, sh["path"]))
+    f = pq.ParquetFile(fs.open_input_file(path))
+    sid = f.read_row_group(0, columns=["sample_id"]).column("sample_id")[0].as_py()
+    months, cell = read_cell(f, 0, list(MODALITIES))
+    x, want_months, _ = read_sample(raw, sid, storage)
+    assert months.tolist() == want_months.tolist()
+    assert {m for m, c in cell.items() if c is not None} == set(x)
+    for m, arrays in cell.items():
+        if arrays is None:
+            continue
+        got = grid_crop(m, arrays)
+        tol = 0.02 if m == "sentinel1" else 0  # float16 dB
+        np.testing.assert_allclose(got, x[m], atol=tol, rtol=1e-3 if tol else 0, equal_nan=True, err_msg=m)
+        for y0, x0, side in [(3, 5, 24), (101, 250 - 37, 37), (0, 0, 256)]:
+            cut, dy, dx = cut_stored(m, arrays, y0, x0, side)
+            assert np.array_equal(grid_crop(m, cut, dy, dx, side), got[y0 : y0 + side, x0 : x0 + side],
+                                  equal_nan=True), (m, y0, x0)  # fmt: skip
+
+
+def test_timestep_routing_splits_lines_exactly(tmp_path):
+    """Routing a CSV in byte ranges of any size puts every row in exactly one range, under its sample's part,
+    and a malformed line is reported with the file and its byte offset."""
+    from pipelines.build import TIMESTEP_FIELDS, csv_chunks, part_of, read_part_timesteps, route_timesteps
+
+    d = dt.date(2020, 1, 1)
+    rows = [(rl.sample_id(EPSG, c, -7), t, d + dt.timedelta(days=30 * t), d + dt.timedelta(days=30 * t + 29))
+            for c in range(40) for t in range(3)]  # fmt: skip
+    csv_path = str(tmp_path / "10_sentinel1_monthly.csv")
+    text = rl.write_timesteps_csv(rows)
+    open(csv_path, "w").write(text)
+    want = rl.parse_timesteps_csv(text)
+    num_parts = 5
+    for chunk in (7, 64, 1000, len(text)):
+        out = str(tmp_path / f"out{chunk}")
+        routed = [route_timesteps(csv_path, "sentinel1", a, b, TIMESTEP_FIELDS, 3, num_parts, out, None)
+                  for a, b in csv_chunks(len(text), chunk)]  # fmt: skip
+        got = {}
+        for p in range(num_parts):
+            ranges = [[r["uri"], *r["ranges"][p]] for r in routed if p in r["ranges"]]
+            per = read_part_timesteps(Storage().fs(out), {"sentinel1": ranges}).get("sentinel1", {})
+            assert all(part_of(sid, 3, num_parts) == p for sid in per)
+            assert not set(per) & set(got)
+            got.update(per)
+        assert got == want, chunk
+    bad = text.replace("2020-03-01", "2020-13-01", 1)
+    open(csv_path, "w").write(bad)
+    offset = bad.rfind("\n", 0, bad.index("2020-13-01")) + 1  # where the bad line starts
+    with pytest.raises(ValueError, match=f"10_sentinel1_monthly.csv: line at byte {offset}"):
+        route_timesteps(
+            csv_path, "sentinel1", 0, len(bad), TIMESTEP_FIELDS, 3, num_parts, str(tmp_path / "o"), None
+        )
+
+
+def test_stream_refuses_an_old_shard_format(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 1, "shards": []}))
+    with pytest.raises(ValueError, match="manifest.json: shard format 1.*rebuild"):
+        load_manifest(str(tmp_path), Storage())
+
+
+def test_new_samples_rebuild_only_their_part(s3_server, ray_cluster):
+    """Samples added to the raw corpus after a build join their (hash) part; a rerun rebuilds only that part,
+    and a removed sample stays in its finished shard; counts add up throughout."""
+    import uuid
+
+    storage = Storage(s3_server.endpoint)
+    bucket = f"s3://grow-{uuid.uuid4().hex[:8]}"
+    storage.makedirs(bucket)
+    raw, out = join(bucket, "raw"), join(bucket, "shards")
+    s1 = MODALITIES["sentinel1"].raw_folder
+    d = dt.date(2021, 5, 1)
+
+    def add(cols):
+        for c in cols:
+            storage.write_bytes(join(raw, s1, rl.file_name(EPSG, c, -1000, 10)), _s1_sample(c, -1000))
+        rows = [(rl.sample_id(EPSG, c, -1000), 0, d, d + dt.timedelta(days=30)) for c in cols]
+        old = (
+            storage.read_text(rl.csv_uri(raw, "sentinel1"))
+            if storage.exists(rl.csv_uri(raw, "sentinel1"))
+            else ""
+        )
+        new = rl.write_timesteps_csv(rows)
+        storage.write_text(rl.csv_uri(raw, "sentinel1"), old + new.split("\n", 1)[1] if old else new)
+
+    add(range(10, 16))
+    cfg = BuildConfig(raw_uri=raw, out_uri=out, s3_endpoint=s3_server.endpoint, samples_per_shard=2, seed=4)
+    first = build_corpus(cfg, storage)
+    assert first["samples_written"] == 6 and first["parts_this_run"] == first["num_shards"] <= 3
+    add([16])
+    grown = build_corpus(cfg, storage)
+    assert grown["parts_this_run"] == 1 and grown["samples_this_run"] >= 1
+    assert grown["samples_written"] == 7 and grown["samples_rejected"] == 0
+    storage.fs(raw).rm(join(raw, s1, rl.file_name(EPSG, 10, -1000, 10)))
+    again = build_corpus(cfg, storage)
+    assert again["parts_this_run"] == 0 and again["samples_written"] == 7 and again["samples_found"] == 6
+    with pytest.raises(ValueError, match="seed 4, not 5"):
+        build_corpus(BuildConfig(raw_uri=raw, out_uri=out, s3_endpoint=s3_server.endpoint, seed=5), storage)
 
 
 def test_rerun_is_idempotent_and_resumes(corpus):
