@@ -1,11 +1,12 @@
 """Serving benchmark, side by side in one run:
 
 1. large-area job (Ray Data actor pool, corpus in SeaweedFS) vs the bare encoder forward over the same tiles
-   in this process (pixels already in memory): km² per second, and their ratio (target >= 0.8);
-2. the Serve endpoint under 16 concurrent clients: requests/s, p50 / p99 latency, errors (target 0), and
-   the mean number of requests that shared a forward.
+   in this process (pixels already in memory): km² per second, steady state and end to end, their ratios
+   (target >= 0.8), and where the job's time went;
+2. the Serve endpoint under 16 concurrent clients: requests/s, p50 / p99 latency, errors (target 0), the
+   mean number of requests that shared a forward, and the same requests decoded and encoded in this process.
 
-    python bench/serve.py [--cells 2] [--tile 128] [--patch 8] [--requests 20] [--model random:nano]
+    python bench/serve.py [--cells 8] [--tile 128] [--patch 8] [--threads 1] [--requests 20] [--model random:nano]
 Prints `NAME: VALUE UNIT` and `ratio NAME: VALUE` lines.
 """
 
@@ -32,8 +33,9 @@ def make_corpus(storage, root: str, cells: int, start: str) -> dict:
     from pipelines import raw_layout as rl
     from pipelines.synth import SynthConfig, write_corpus
 
-    summary = write_corpus(SynthConfig(num_samples=cells * cells, seed=5, labelled=True, missing_timestep_rate=0.0,
-                                       missing_modality_rate=0.0, cloud_rate=0.0), root, storage)  # fmt: skip
+    synth = SynthConfig(num_samples=cells * cells, seed=5, labelled=True, missing_timestep_rate=0.0,
+                        missing_modality_rate=0.0, cloud_rate=0.0, ray_tasks=2)  # fmt: skip
+    summary = write_corpus(synth, root, storage)
     s0 = dt.date.fromisoformat(start)
     for name in ("sentinel2_l2a", "sentinel1", "landsat"):
         uri = rl.csv_uri(root, name)
@@ -51,40 +53,54 @@ def bench_area(args, storage, endpoint: str) -> None:
     from serve.model import Embedder
 
     bucket = f"s3://bench-{uuid.uuid4().hex[:8]}"
-    t0 = ("2021-06-01", "2021-06-30")
-    info = make_corpus(storage, bucket + "/raw", args.cells, t0[0])
+    start = dt.date(2021, 6, 1)
+    end = start + dt.timedelta(days=30 * args.periods - 1)
+    t = time.perf_counter()
+    info = make_corpus(storage, bucket + "/raw", args.cells, start.isoformat())
+    print(f"corpus_write: {time.perf_counter() - t:.1f} s ({args.cells} x {args.cells} cells, 12 timesteps each)")
     cfg = EmbedAreaConfig(bbox=info["bbox"], bbox_crs="EPSG:32618", crs="EPSG:32618", source=bucket + "/raw",
-                          time_start=t0[0], time_end=t0[1], model_uri=args.model, patch_size=args.patch,
-                          tile_size=args.tile, overlap=args.overlap, num_actors=1, batch_size=args.batch,
-                          out=bucket + "/emb", formats=["cog"], preview=False, s3_endpoint=endpoint,
-                          torch_threads=args.threads, num_cpus_per_actor=1.0)  # fmt: skip
-    report = embed_area(cfg)
-    assert not report["failed"], report["failed"]
-    area = report["area_km2"]
-    # the bare forward over the same tiles, pixels already in memory, in this process
+                          time_start=start.isoformat(), time_end=end.isoformat(), model_uri=args.model,
+                          patch_size=args.patch, tile_size=args.tile, overlap=args.overlap, num_actors=1,
+                          batch_size=args.batch, out=bucket + "/emb", formats=["cog"], preview=False,
+                          s3_endpoint=endpoint, torch_threads=args.threads, num_cpus_per_actor=1.0)  # fmt: skip
+    # the bare forward over the same tiles: pixels read beforehand (not timed) into memory, same model, torch
+    # threads and batch size, in this process; timed before and after the job, since other load drifts
     grid, tiles = plan(cfg)
-    source = make_source(cfg, storage)
+    source = make_source(cfg, storage, grid=grid)
     xs = [source.read(t, grid) for t in tiles]
     embedder = Embedder(args.model, num_threads=args.threads)
     months = np.tile(source.months, (args.batch, 1))
     embedder.embed({m: np.stack([x[m] for x in xs[: args.batch]]) for m in xs[0]}, months, args.patch)  # warm-up
-    t = time.perf_counter()
-    for i in range(0, len(xs), args.batch):
-        chunk = xs[i : i + args.batch]
-        embedder.embed({m: np.stack([x[m] for x in chunk]) for m in chunk[0]}, months[: len(chunk)], args.patch)
-    bare = time.perf_counter() - t
-    job_enc, job_total = report["seconds"]["encode"], report["seconds"]["total"]
+
+    def bare_forward() -> float:
+        t = time.perf_counter()
+        for i in range(0, len(xs), args.batch):
+            chunk = xs[i : i + args.batch]
+            embedder.embed({m: np.stack([x[m] for x in chunk]) for m in chunk[0]}, months[: len(chunk)], args.patch)
+        return time.perf_counter() - t
+
+    bare_before = bare_forward()
+    print(f"load_average_job_start: {os.getloadavg()[0]:.2f}")
+    report = embed_area(cfg)
+    assert not report["failed"], report["failed"]
+    print(f"load_average_job_end: {os.getloadavg()[0]:.2f}")
+    bare_after = bare_forward()
+    bare = (bare_before + bare_after) / 2
+    area, sec = report["area_km2"], report["seconds"]
     print(f"area_km2: {area:.2f} km2")
     print(f"area_tiles: {len(tiles)} tiles")
-    print(f"area_job_encode_throughput: {area / job_enc:.3f} km2/s")
-    print(f"area_job_total_throughput: {area / job_total:.3f} km2/s")
+    for k in ("setup", "startup", "actor_init", "worker_read", "worker_embed", "worker_write",
+              "worker_write_wait", "encode", "assemble", "total"):  # fmt: skip
+        print(f"area_job_seconds_{k}: {sec[k]:.2f} s")
+    print(f"bare_encoder_seconds: {bare:.2f} s (before the job {bare_before:.2f}, after {bare_after:.2f})")
     print(f"bare_encoder_throughput: {area / bare:.3f} km2/s")
     steady = report["km2_per_s_steady"]
     if steady:
         print(f"area_job_steady_throughput: {steady:.3f} km2/s")
+    print(f"area_job_end_to_end_throughput: {area / sec['total']:.3f} km2/s")
+    if steady:
         print(f"ratio area_job_steady_vs_bare_forward: {steady / (area / bare):.3f}")
-    print(f"ratio area_job_vs_bare_forward: {bare / job_enc:.3f}")
-    print(f"ratio area_job_total_vs_bare_forward: {bare / job_total:.3f}")
+    print(f"ratio area_job_end_to_end_vs_bare_forward: {bare / sec['total']:.3f}")
 
 
 def bench_endpoint(args) -> None:
@@ -120,11 +136,31 @@ def bench_endpoint(args) -> None:
                     sizes.append(int(r.headers["x-batch-size"]))
         return lat, errors, sizes
 
+    # what the same requests cost without HTTP / Serve: decode + validate + forward in this process, in
+    # batches of 4 (same model and torch threads); timed before and after the clients, since other load drifts
+    from serve.inputs import Limits, parse_npz
+    from serve.model import Embedder
+
+    embedder = Embedder(args.model, num_threads=args.threads)
+    n, per = 16 * args.requests, 4
+    embedder.embed(parse_npz(bodies[0], 4, Limits()).x, np.array([[5, 6]]), 4)  # warm-up
+
+    def bare_forward() -> float:
+        t = time.perf_counter()
+        for i in range(0, n, per):
+            inps = [parse_npz(bodies[(i + k) % 16], 4, Limits()) for k in range(min(per, n - i))]
+            x = {"sentinel2_l2a": np.concatenate([a.x["sentinel2_l2a"] for a in inps])}
+            embedder.embed(x, np.concatenate([a.months for a in inps]), 4)
+        return time.perf_counter() - t
+
+    bare_before = bare_forward()
     client(0)  # warm-up
     t = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(client, range(16)))
     wall = time.perf_counter() - t
+    bare_after = bare_forward()
+    bare = (bare_before + bare_after) / 2
     lat = np.concatenate([r[0] for r in results]) * 1000
     errors = sum(r[1] for r in results)
     sizes = [s for r in results for s in r[2]]
@@ -135,19 +171,26 @@ def bench_endpoint(args) -> None:
     print(f"endpoint_latency_p99: {np.percentile(lat, 99):.1f} ms")
     print(f"endpoint_errors: {errors} requests")
     print(f"endpoint_mean_batch: {np.mean(sizes) if sizes else 0:.2f} requests/forward")
+    print(f"bare_forward_requests_per_s: {n / bare:.2f} req/s (batches of {per}, no HTTP; before the clients "
+          f"{n / bare_before:.2f}, after {n / bare_after:.2f})")  # fmt: skip
+    print(f"ratio endpoint_vs_bare_forward: {(len(lat) / wall) / (n / bare):.3f}")
     serve.shutdown()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cells", type=int, default=2, help="area of cells x cells corpus cells (2560 m each)")
+    ap.add_argument("--cells", type=int, default=8, help="area of cells x cells corpus cells (2560 m each)")
+    ap.add_argument("--periods", type=int, default=1, help="30-day periods in the time range (model timesteps)")
     ap.add_argument("--tile", type=int, default=128)
     ap.add_argument("--overlap", type=int, default=16)
     ap.add_argument("--patch", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=0)
+    # 1 thread: on a loaded machine two OpenMP threads per forward ran 2-10x slower than one
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per encoder, both sides")
     ap.add_argument("--requests", type=int, default=20, help="requests per client")
     ap.add_argument("--model", default="random:nano")
+    ap.add_argument("--skip_area", action="store_true")
+    ap.add_argument("--skip_endpoint", action="store_true")
     args = ap.parse_args()
 
     import ray
@@ -163,8 +206,12 @@ def main() -> int:
             import ray.data
 
             ray.data.DataContext.get_current().enable_progress_bars = False
-            bench_area(args, Storage(s3.endpoint), s3.endpoint)
-            bench_endpoint(args)
+            print(f"load_average_before: {os.getloadavg()[0]:.2f}")
+            if not args.skip_area:
+                bench_area(args, Storage(s3.endpoint), s3.endpoint)
+            if not args.skip_endpoint:
+                bench_endpoint(args)
+            print(f"load_average_after: {os.getloadavg()[0]:.2f}")
         finally:
             ray.shutdown()
     return 0

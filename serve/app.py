@@ -97,8 +97,8 @@ def error(e: BadRequest) -> JSONResponse:
 @serve.ingress(api)
 class EncoderDeployment:
     def __init__(self, cfg: dict):
-        from serve.model import Embedder
         from pipelines.storage import Storage
+        from serve.model import Embedder
 
         self.cfg = ServeConfig(**cfg)
         self.limits = Limits(self.cfg.max_tile, self.cfg.max_samples)

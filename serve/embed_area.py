@@ -3,8 +3,10 @@
     plan:     area (bbox in lon/lat or a CRS) -> 10 m UTM grid -> overlapping square tiles
     encode:   Ray Data `map_batches` over the unfinished tiles with an actor pool; each actor reads its tiles
               from the source, embeds them (in-process encoder, or the Serve endpoint over HTTP) and writes
-              one result per tile:  out/tiles/<tile>.npy (h, w, D) float32 + out/tiles/<tile>.json (status)
-              -> resumable: a rerun skips tiles whose .json says "ok"; a failing tile is recorded and reported
+              one result per encoder batch: out/tiles/<first tile>_<random>.npz, a (h, w, D) float32 array per
+              finished tile, then the .json of the same name with every tile's status
+              -> resumable per tile: a rerun skips tiles some .json says are "ok"; a failing tile is recorded
+              and reported
     assemble: tiles blended (linear ramps over the overlaps) block by block into
               out/embeddings.tif  Cloud-Optimized GeoTIFF, one band per dimension (float32, or int8 with
                                   `scale` in the metadata: value = q * scale, -128 nodata)
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -39,8 +42,8 @@ class EmbedAreaConfig:
     source: str = ""  # root URI of a raw corpus in the OlmoEarth layout
     geotiffs: dict = field(default_factory=dict)  # {modality: [GeoTIFF URI, ...]} (T*C bands, time-major)
     modalities: list[str] = field(default_factory=lambda: ["sentinel2_l2a"])  # read from the corpus
-    time_start: str = ""  # ISO date; with time_end picks the timesteps (<= 12 months) of the corpus
-    time_end: str = ""
+    time_start: str = ""  # ISO date; with time_end picks the timesteps (<= 12 x 30 days) of the corpus
+    time_end: str = ""  # one empty: 12 x 30 days from the other; both: the 12 x 30 days with most images
     months: list[int] = field(default_factory=list)  # months of the GeoTIFFs' timesteps (default 0..T-1)
     # model
     model_uri: str = "random:nano"
@@ -88,12 +91,16 @@ def check_config(cfg: EmbedAreaConfig) -> None:
         raise ValueError(f"patch_size: 1..8, got {cfg.patch_size}")
 
 
-def make_source(cfg: EmbedAreaConfig, storage: Storage):
+def make_source(cfg: EmbedAreaConfig, storage: Storage, grid: Grid | None = None, spec: dict | None = None):
+    """The job's pixel source. On the driver (`grid`): finds and checks the input files of the area; on a worker
+    (`spec`, from the driver's `source.spec()`): rebuilt from what the driver found, without listing or opening."""
     from serve.sources import CorpusSource, GeoTiffSource
 
     if cfg.geotiffs:
-        return GeoTiffSource(cfg.geotiffs, cfg.months or None, storage)
-    return CorpusSource(cfg.source, cfg.modalities, storage, cfg.time_start, cfg.time_end)
+        return GeoTiffSource(cfg.geotiffs, cfg.months or None, storage, _checked=spec and spec["checked"])
+    if spec:  # the driver's time range: it may have filled in a default
+        return CorpusSource(cfg.source, cfg.modalities, storage, *spec["time"], _plan=spec["plan"])
+    return CorpusSource(cfg.source, cfg.modalities, storage, cfg.time_start, cfg.time_end, grid=grid)
 
 
 def plan(cfg: EmbedAreaConfig) -> tuple[Grid, list[Tile]]:
@@ -116,22 +123,34 @@ def job_signature(cfg: EmbedAreaConfig, grid: Grid) -> dict:
 
 
 class TileWorker:
-    """Reads, embeds and writes tiles; one instance per actor of the pool."""
+    """Reads, embeds and writes tiles; one instance per actor of the pool.
 
-    def __init__(self, cfg: dict, grid: dict):
+    One call gets a few encoder batches of tiles and pipelines them: a reader thread reads batch k+1 and a
+    writer thread writes batch k-1 while the encoder runs on batch k, so the encoder waits only for the first
+    read and the last write of a call. The call returns once every write of its tiles is done, so a tile
+    reported "ok" is on storage."""
+
+    def __init__(self, cfg: dict, grid: dict, source_spec: dict):
+        from concurrent.futures import ThreadPoolExecutor
+
         from olmoearth.config import from_dict
 
+        t0 = time.time()
         self.cfg = from_dict(EmbedAreaConfig, cfg)
         self.grid = Grid(**grid)
         self.storage = Storage(self.cfg.s3_endpoint)
-        self.source = make_source(self.cfg, self.storage)
-        self.embedder = None
+        self.source = make_source(self.cfg, self.storage, spec=source_spec)
+        # one thread each: GDAL handles stay on the reader thread, writes stay in order
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="tile-read")
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="tile-write")
+        self.embedder = self.session = None
         if self.cfg.engine == "ray_data":
             from serve.model import Embedder
 
             device = "cuda" if self.cfg.num_gpus_per_actor > 0 else "cpu"
             self.embedder = Embedder(self.cfg.model_uri, self.storage, device=device,
                                      num_threads=self.cfg.torch_threads or None)  # fmt: skip
+        self.init_seconds = time.time() - t0
 
     def embed(self, xs: list[dict], months: np.ndarray) -> np.ndarray:
         """xs: per tile {m: (S, S, T, C)} -> (N, S/p, S/p, D) float32, NaN where no data."""
@@ -139,63 +158,118 @@ class TileWorker:
         mo = np.tile(months, (len(xs), 1))
         if self.embedder is not None:
             return self.embedder.embed(x, mo, self.cfg.patch_size)[0]
-        return embed_via_serve(self.cfg.serve_url, x, mo, self.cfg.patch_size)
+        if self.session is None:
+            import requests
 
-    def __call__(self, batch: dict) -> dict:
-        rows = [dict(zip(batch, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
-        status, errors, seconds = [], [], []
-        ok_tiles, ok_x = [], []
+            self.session = requests.Session()  # one keep-alive connection per actor, not one per batch
+        return embed_via_serve(self.cfg.serve_url, x, mo, self.cfg.patch_size, session=self.session)
+
+    def read(self, tiles: list[Tile]) -> tuple[list, float]:
+        """-> ([pixels {m: array} | ("empty" | "failed", message)] per tile, seconds)."""
         t0 = time.time()
-        for r in rows:
-            tile = Tile(int(r["row"]), int(r["col"]), int(r["x"]), int(r["y"]), int(r["size"]))
+        out = []
+        for tile in tiles:
             try:
                 if tile.id in self.cfg.fail_tiles:
                     raise RuntimeError(f"tile {tile.id} made to fail (fail_tiles)")
                 x = self.source.read(tile, self.grid)
-                if not any(np.isfinite(a).any() for a in x.values()):
-                    status.append("empty")
-                    errors.append("no input data in this tile")
-                    continue
-                ok_tiles.append((len(status), tile))
-                ok_x.append(x)
-                status.append("ok")
-                errors.append("")
+                if any(np.isfinite(a).any() for a in x.values()):
+                    out.append(x)
+                else:
+                    out.append(("empty", "no input data in this tile"))
             except Exception as e:  # noqa: BLE001 - recorded per tile and reported by the driver
-                status.append("failed")
-                errors.append(f"read: {type(e).__name__}: {e}")
-        if ok_x:
+                out.append(("failed", f"read: {type(e).__name__}: {e}"))
+        return out, time.time() - t0
+
+    def write(self, tiles: list[Tile], status: list[str], errors: list[str], results: dict) -> tuple[str, float]:
+        """One encoder batch -> tiles/<first tile>_<random>.npz (an array per finished tile) and, after it,
+        the .json of the same name (every tile's status): two objects per batch instead of two per tile."""
+        t0 = time.time()
+        name = f"{tiles[0].id}_{uuid.uuid4().hex[:8]}"
+        arrays, meta = {}, {}
+        for i, tile in enumerate(tiles):
+            d = {"status": status[i], "error": errors[i]}
+            if i in results:
+                e, max_abs, valid = results[i]
+                d.update(max_abs=max_abs, valid_fraction=valid)
+                arrays[tile.id] = e
+            meta[tile.id] = d
+        write_batch_results(self.storage, self.cfg.out, name, arrays, meta)
+        return name + ".npz", time.time() - t0
+
+    def __call__(self, batch: dict) -> dict:
+        t_call = time.time()
+        tiles = [Tile(int(r), int(c), int(x), int(y), int(s)) for r, c, x, y, s
+                 in zip(batch["row"], batch["col"], batch["x"], batch["y"], batch["size"], strict=True)]  # fmt: skip
+        n, b = len(tiles), max(1, self.cfg.batch_size)
+        status, errors, max_abs, valid = ["ok"] * n, [""] * n, [0.0] * n, [0.0] * n
+        chunks = [list(range(i, min(i + b, n))) for i in range(0, n, b)]
+        reads = [self.reader.submit(self.read, [tiles[i] for i in ch]) for ch in chunks]  # run in order
+        writes, t_read, t_embed = [], 0.0, 0.0
+        for ch, fut in zip(chunks, reads, strict=True):
+            got, sec = fut.result()
+            t_read += sec
+            ok = []
+            for i, x in zip(ch, got, strict=True):
+                if isinstance(x, tuple):
+                    status[i], errors[i] = x
+                else:
+                    ok.append((i, x))
+            results = {}
+            t0 = time.time()
+            if ok:
+                try:
+                    emb = self.embed([x for _, x in ok], self.source.months)
+                    for (i, _), e in zip(ok, emb, strict=True):
+                        e = e.astype(np.float32, copy=False)
+                        finite = np.isfinite(e)
+                        max_abs[i] = float(np.abs(e[finite]).max()) if finite.any() else 0.0
+                        valid[i] = float(finite.all(-1).mean())
+                        results[i - ch[0]] = (e, max_abs[i], valid[i])
+                except Exception as e:  # noqa: BLE001
+                    for i, _ in ok:
+                        status[i], errors[i] = "failed", f"embed: {type(e).__name__}: {e}"
+            t_embed += time.time() - t0
+            writes.append((ch, self.writer.submit(self.write, [tiles[i] for i in ch], [status[i] for i in ch],
+                                                  [errors[i] for i in ch], results)))  # fmt: skip
+        t0 = time.time()
+        t_write, files = 0.0, [""] * n
+        for ch, fut in writes:
             try:
-                emb = self.embed(ok_x, self.source.months)
-                for (_i, tile), e in zip(ok_tiles, emb, strict=True):
-                    self.write(tile, e)
-            except Exception as e:  # noqa: BLE001
-                for i, _ in ok_tiles:
-                    status[i], errors[i] = "failed", f"embed: {type(e).__name__}: {e}"
-        for i, r in enumerate(rows):
-            tile_id = Tile(int(r["row"]), int(r["col"]), 0, 0, 0).id
-            if status[i] != "ok":
-                self.write_status(tile_id, {"status": status[i], "error": errors[i]})
-            seconds.append((time.time() - t0) / len(rows))
-        return {"tile": np.array([Tile(int(r["row"]), int(r["col"]), 0, 0, 0).id for r in rows]),
-                "status": np.array(status), "error": np.array(errors), "seconds": np.array(seconds),
-                "t_done": np.full(len(rows), time.time())}  # fmt: skip
+                name, sec = fut.result()
+                t_write += sec
+                for i in ch:
+                    files[i] = name
+            except Exception as e:  # noqa: BLE001 - nothing of this chunk counts as done
+                for i in ch:
+                    status[i], errors[i] = "failed", f"write: {type(e).__name__}: {e}"
+        t_wait = time.time() - t0
+        share = 1.0 / n
+        return {"tile": np.array([t.id for t in tiles]), "status": np.array(status), "error": np.array(errors),
+                "file": np.array(files), "max_abs": np.array(max_abs), "valid_fraction": np.array(valid),
+                # per-tile shares of this call's seconds: reading and writing (in their threads), encoding, and
+                # how long the encoder thread waited for the last writes
+                "read_s": np.full(n, t_read * share), "embed_s": np.full(n, t_embed * share),
+                "write_s": np.full(n, t_write * share), "write_wait_s": np.full(n, t_wait * share),
+                "actor_init_s": np.full(n, self.init_seconds), "t_start": np.full(n, t_call),
+                "t_done": np.full(n, time.time())}  # fmt: skip
 
-    def write(self, tile: Tile, emb: np.ndarray) -> None:
-        import io
 
+def write_batch_results(storage: Storage, out: str, name: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """tiles/<name>.npz (float32 (h, w, D) per finished tile id), then tiles/<name>.json {"tiles": {id: status}}:
+    a status file is only ever written after the embeddings it points at."""
+    import io
+
+    folder = join(out, TILE_DIR)
+    if arrays:
         buf = io.BytesIO()
-        np.save(buf, emb.astype(np.float32))
-        base = join(self.cfg.out, TILE_DIR, tile.id)
-        write_atomic(self.storage, base + ".npy", buf.getvalue())
-        finite = np.isfinite(emb)
-        self.write_status(tile.id, {"status": "ok", "max_abs": float(np.abs(emb[finite]).max()) if finite.any() else 0.0,
-                                    "valid_fraction": float(finite.all(-1).mean())})  # fmt: skip
-
-    def write_status(self, tile_id: str, d: dict) -> None:
-        write_atomic(self.storage, join(self.cfg.out, TILE_DIR, tile_id + ".json"), json.dumps(d).encode())
+        np.savez(buf, **arrays)
+        write_atomic(storage, join(folder, name + ".npz"), buf.getvalue())
+    write_atomic(storage, join(folder, name + ".json"), json.dumps({"tiles": meta}).encode())
 
 
-def embed_via_serve(url: str, x: dict, months: np.ndarray, patch_size: int, timeout: float = 600) -> np.ndarray:
+def embed_via_serve(url: str, x: dict, months: np.ndarray, patch_size: int, timeout: float = 600,
+                    session=None) -> np.ndarray:  # fmt: skip
     """POST one .npz to the Serve endpoint; returns (B, h, w, D)."""
     import io
 
@@ -203,7 +277,7 @@ def embed_via_serve(url: str, x: dict, months: np.ndarray, patch_size: int, time
 
     buf = io.BytesIO()
     np.savez(buf, months=months, **x)
-    r = requests.post(f"{url.rstrip('/')}/embed", params={"patch_size": patch_size, "output": "patches",
+    r = (session or requests).post(f"{url.rstrip('/')}/embed", params={"patch_size": patch_size, "output": "patches",
                       "format": "npy"}, data=buf.getvalue(), headers={"Content-Type": "application/x-npz"},
                       timeout=timeout)  # fmt: skip
     if r.status_code != 200:
@@ -228,16 +302,19 @@ def write_atomic(storage: Storage, uri: str, data: bytes) -> None:
 
 
 def finished_tiles(storage: Storage, out: str) -> dict[str, dict]:
-    """tile id -> status dict of every tile with a result (ok / failed / empty) under out/tiles."""
+    """tile id -> status dict of every tile with a result under out/tiles (ok / failed / empty; "file": the .npz
+    holding an ok tile's embedding). A tile recorded by several runs counts as ok if any run finished it. The
+    status files are fetched concurrently."""
     d = join(out, TILE_DIR)
     fs = storage.fs(d)
     if not fs.exists(d):
         return {}
-    found = {}
-    for p in fs.ls(d, detail=False):
-        name = os.path.basename(p)
-        if name.endswith(".json"):
-            found[name[:-5]] = json.loads(storage.read_text(("s3://" + p) if is_s3(out) and not p.startswith("s3://") else p))
+    paths = sorted(p for p in fs.ls(d, detail=False) if p.endswith(".json"))
+    found: dict[str, dict] = {}
+    for p, data in (fs.cat(paths).items() if paths else []):
+        for tile_id, st in json.loads(data)["tiles"].items():
+            if found.get(tile_id, {}).get("status") != "ok":
+                found[tile_id] = {**st, "file": os.path.basename(p)[:-5] + ".npz"}
     return found
 
 
@@ -254,7 +331,7 @@ def check_manifest(storage: Storage, cfg: EmbedAreaConfig, sig: dict) -> None:
         storage.write_text(uri, json.dumps({"signature": sig, "signature_hash": signature(sig)}, indent=1))
 
 
-def run_tiles(cfg: EmbedAreaConfig, grid: Grid, todo: list[Tile], on_done) -> list[dict]:
+def run_tiles(cfg: EmbedAreaConfig, grid: Grid, source_spec: dict, todo: list[Tile], on_done) -> list[dict]:
     """Encode `todo` with Ray Data (actor pool); calls on_done(row) as results arrive."""
     import ray
     from ray.data import ActorPoolStrategy
@@ -263,12 +340,17 @@ def run_tiles(cfg: EmbedAreaConfig, grid: Grid, todo: list[Tile], on_done) -> li
         return []
     ray.data.DataContext.get_current().enable_progress_bars = False  # the km² bar below tells progress
     items = [{"row": t.row, "col": t.col, "x": t.x, "y": t.y, "size": t.size} for t in todo]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // max(1, cfg.batch_size)))
+    # a call (one block) holds up to 4 encoder batches, so reads and writes overlap the encoder inside it, but
+    # every actor still gets a few calls (and the progress bar moves)
+    b = max(1, cfg.batch_size)
+    per_call = b * max(1, min(4, len(items) // (2 * b * max(1, cfg.num_actors))))
+    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // per_call)))
     resources = {"num_cpus": cfg.num_cpus_per_actor}
     if cfg.num_gpus_per_actor:
         resources["num_gpus"] = cfg.num_gpus_per_actor
-    ds = ds.map_batches(TileWorker, fn_constructor_kwargs={"cfg": asdict(cfg), "grid": asdict(grid)},
-                        compute=ActorPoolStrategy(size=cfg.num_actors), batch_size=cfg.batch_size,
+    ds = ds.map_batches(TileWorker, fn_constructor_kwargs={"cfg": asdict(cfg), "grid": asdict(grid),
+                                                           "source_spec": source_spec},
+                        compute=ActorPoolStrategy(size=cfg.num_actors), batch_size=per_call,
                         batch_format="numpy", **resources)  # fmt: skip
     rows = []
     for row in ds.iter_rows():
@@ -286,10 +368,7 @@ def embed_area(cfg: EmbedAreaConfig) -> dict:
     storage = Storage(cfg.s3_endpoint)
     t_start = time.time()
     grid, tiles = plan(cfg)
-    source = make_source(cfg, storage)  # validates the input on the driver before any work is sent out
-    if hasattr(source, "crs_of_cells") and grid.crs not in source.crs_of_cells():
-        raise ValueError(f"source {cfg.source}: corpus cells are in {sorted(source.crs_of_cells())}, the area grid "
-                         f"in {grid.crs}; set crs to the corpus's CRS")  # fmt: skip
+    source = make_source(cfg, storage, grid=grid)  # finds and checks the input on the driver, before any work
     sig = job_signature(cfg, grid)
     check_manifest(storage, cfg, sig)
     done = finished_tiles(storage, cfg.out)
@@ -303,22 +382,33 @@ def embed_area(cfg: EmbedAreaConfig) -> dict:
         bar.set_postfix_str(f"{row['tile']} {row['status']}")
 
     t_enc = time.time()
-    rows = run_tiles(cfg, grid, todo, on_done)
+    t_setup = t_enc - t_start
+    rows = run_tiles(cfg, grid, source.spec(), todo, on_done)
     bar.close()
     t_enc = time.time() - t_enc
-    done = finished_tiles(storage, cfg.out)
+    for r in rows:  # this run's results as the workers wrote them (no second listing)
+        if done.get(r["tile"], {}).get("status") != "ok":
+            done[r["tile"]] = {"status": r["status"], "error": r["error"], "max_abs": r["max_abs"], "file": r["file"]}
     failed = {t.id: done.get(t.id, {"status": "failed", "error": "no result written"}) for t in tiles
               if done.get(t.id, {}).get("status") != "ok"}  # fmt: skip
     t_asm = time.time()
     outputs = assemble(cfg, grid, tiles, done, storage)
     t_asm = time.time() - t_asm
+    first = min((r["t_start"] for r in rows), default=None)
     report = {
         "grid": asdict(grid), "area_km2": grid.area_km2, "tiles": len(tiles), "encoded": len(rows),
         "skipped_finished": skipped,
         "failed": {k: v.get("error", "") for k, v in failed.items() if v.get("status") == "failed"},
         "empty": sorted(k for k, v in failed.items() if v.get("status") == "empty"),
         "outputs": outputs, "engine": cfg.engine,
-        "seconds": {"total": time.time() - t_start, "encode": t_enc, "assemble": t_asm},
+        "seconds": {"total": time.time() - t_start, "setup": t_setup, "encode": t_enc, "assemble": t_asm,
+                    # from the start of the encode stage until a worker began its first call: Ray Data and actor
+                    # start-up, actor construction (encoder build) included
+                    "startup": (first - (t_start + t_setup)) if first else None,
+                    "actor_init": max((r["actor_init_s"] for r in rows), default=None),
+                    "worker_read": sum(r["read_s"] for r in rows), "worker_embed": sum(r["embed_s"] for r in rows),
+                    "worker_write": sum(r["write_s"] for r in rows),
+                    "worker_write_wait": sum(r["write_wait_s"] for r in rows)},
         "km2_per_s_encode": (len(rows) * per_tile_km2 / t_enc) if rows and t_enc > 0 else None,
         # after start-up (actors built, first tile out): the rate a long job runs at
         "km2_per_s_steady": steady_rate(rows, per_tile_km2, cfg.batch_size),
@@ -328,8 +418,8 @@ def embed_area(cfg: EmbedAreaConfig) -> dict:
 
 
 def steady_rate(rows: list[dict], per_tile_km2: float, batch: int) -> float | None:
-    """km² per second from the end of the first tile batch to the end of the last one, timed in the workers
-    (start-up of actors and encoder excluded): the rate a long job runs at."""
+    """km² per second from the end of the first call of a worker to the end of the last one, timed in the
+    workers (start-up of actors and encoder excluded): the rate a long job runs at."""
     ts = sorted(r["t_done"] for r in rows)
     later = [t for t in ts if t > ts[0]]
     if not later:
@@ -341,10 +431,20 @@ def steady_rate(rows: list[dict], per_tile_km2: float, batch: int) -> float | No
 # assembly
 
 
-def load_tile(storage: Storage, out: str, tile_id: str) -> np.ndarray:
+def load_tiles(storage: Storage, out: str, tile_ids: list[str], done: dict) -> dict[str, np.ndarray]:
+    """{tile id: embedding} of finished tiles and of the other tiles in the same files (fetched concurrently,
+    one call)."""
     import io
 
-    return np.load(io.BytesIO(storage.read_bytes(join(out, TILE_DIR, tile_id + ".npy"))))
+    files = sorted({done[t]["file"] for t in tile_ids})
+    if not files:
+        return {}
+    got = storage.fs(out).cat([join(out, TILE_DIR, f) for f in files])
+    tiles = {}
+    for data in got.values():
+        with np.load(io.BytesIO(data)) as z:
+            tiles.update({k: z[k] for k in z.files})
+    return tiles
 
 
 def assemble(cfg: EmbedAreaConfig, grid: Grid, tiles: list[Tile], done: dict, storage: Storage) -> dict:
@@ -357,26 +457,32 @@ def assemble(cfg: EmbedAreaConfig, grid: Grid, tiles: list[Tile], done: dict, st
     p = cfg.patch_size
     ok = [t for t in tiles if done.get(t.id, {}).get("status") == "ok"]
     if not ok:
-        raise RuntimeError(f"no tile of {len(tiles)} was embedded; see {join(cfg.out, TILE_DIR)}/*.json")
+        raise RuntimeError(f"no tile of {len(tiles)} was embedded; see report.json and "
+                           f"{join(cfg.out, TILE_DIR)}/*.json")  # fmt: skip
     n_rows, n_cols = max(t.row for t in tiles) + 1, max(t.col for t in tiles) + 1
     size_t, ov_t = cfg.tile_size // p, cfg.overlap // p
     ht, wt = grid.height // p, grid.width // p
-    dim = int(load_tile(storage, cfg.out, ok[0].id).shape[-1])
     max_abs = max(float(done[t.id].get("max_abs", 0.0)) for t in ok)
     scale = (max_abs / 127.0) if cfg.int8 and max_abs > 0 else (1.0 if cfg.int8 else None)
     tmp = tempfile.mkdtemp(prefix="olmoearth-mosaic-")
     try:
+        sample = load_tiles(storage, cfg.out, [t.id for t in ok[:: max(1, len(ok) // 16)]], done)  # PCA, dim
+        dim = int(next(iter(sample.values())).shape[-1])
         writer = MosaicWriter(tmp, grid, p, dim, cfg.formats, scale, cfg.preview,
                               tags={"model": cfg.model_uri, "patch_size": p, "tile_size": cfg.tile_size,
                                     "overlap": cfg.overlap})  # fmt: skip
         if cfg.preview:
-            writer.fit_pca([load_tile(storage, cfg.out, t.id) for t in ok[:: max(1, len(ok) // 16)]])
-        cache: dict[str, np.ndarray] = {}
+            writer.fit_pca(list(sample.values()))
         bt = cfg.block_tokens
         by_id = {t.id: t for t in ok}
+        cache = {k: v for k, v in sample.items() if k in by_id}
         for by in range(0, ht, bt):
             for tid in [k for k in cache if by_id[k].y // p + size_t <= by]:  # above this block row: done
                 del cache[tid]
+            # every tile this block row needs, fetched concurrently in one go
+            need = [t.id for t in ok if t.y // p < by + bt and t.y // p + size_t > by and t.id not in cache]
+            cache.update({k: v for k, v in load_tiles(storage, cfg.out, need, done).items()
+                          if k in by_id and k not in cache and by_id[k].y // p + size_t > by})  # fmt: skip
             for bx in range(0, wt, bt):
                 bh, bw = min(bt, ht - by), min(bt, wt - bx)
                 acc = np.zeros((bh, bw, dim), np.float64)
@@ -387,8 +493,6 @@ def assemble(cfg: EmbedAreaConfig, grid: Grid, tiles: list[Tile], done: dict, st
                     x0, x1 = max(bx, tx), min(bx + bw, tx + size_t, wt)
                     if y0 >= y1 or x0 >= x1:
                         continue
-                    if t.id not in cache:
-                        cache[t.id] = load_tile(storage, cfg.out, t.id)
                     e = cache[t.id][y0 - ty : y1 - ty, x0 - tx : x1 - tx]
                     w = tile_weights(t, n_cols, n_rows, ov_t, size_t)[y0 - ty : y1 - ty, x0 - tx : x1 - tx, None]
                     w = np.where(np.isfinite(e).all(-1, keepdims=True), w, 0.0)

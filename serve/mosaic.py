@@ -44,7 +44,8 @@ class MosaicWriter:
 
         dtype, nodata = ("int8", -128) if self.scale is not None else ("float32", float("nan"))
         prof = embedding_profile(_wkt(self.grid.crs), self.transform, self.w, self.h, self.dim, dtype, nodata)
-        prof.update(tiled=True, blockxsize=256, blockysize=256, compress="deflate", BIGTIFF="IF_SAFER",
+        # a local scratch file, recompressed by the COG copy: the fastest compression that still keeps it small
+        prof.update(tiled=True, blockxsize=256, blockysize=256, compress="zstd", zstd_level=1, BIGTIFF="IF_SAFER",
                     interleave="pixel")  # fmt: skip
         self._tif_tmp = os.path.join(self.folder, "mosaic_tmp.tif")
         self.tif = rasterio.open(self._tif_tmp, "w", **prof)

@@ -138,3 +138,74 @@ def test_geotiff_source_warps_onto_the_grid(tmp_path):
         ds.write(np.ones((5, 4, 4), np.uint16))
     with pytest.raises(ValueError, match="not a multiple of 12"):
         GeoTiffSource({"sentinel2_l2a": [bad]}, None, Storage())
+
+
+def test_corpus_source_reads_the_same_pixels_as_read_sample(tmp_path):
+    """Windowed reads of only the bands in range, on a grid offset by an odd number of 10 m pixels from the
+    cells (so the 20 m / 40 m bandsets are cut mid-pixel), equal whole-sample reads placed on the area's
+    timeline the documented way (slot middle day -> 30-day period, first image wins)."""
+    import datetime as dt
+
+    from pipelines import raw_layout as rl
+    from pipelines.raster import read_sample
+    from pipelines.storage import Storage
+    from pipelines.synth import SynthConfig, write_corpus
+    from serve.sources import CorpusSource
+
+    storage = Storage()
+    root = str(tmp_path / "raw")
+    summary = write_corpus(SynthConfig(num_samples=4, seed=1, labelled=True), root, storage)  # 2 x 2 cells
+    cells = {sid: rl.parse_sample_id(sid) for sid in summary["sample_ids"]}
+    col0, row0 = min(c for _, c, _ in cells.values()), min(r for _, _, r in cells.values())
+    table = rl.read_timesteps(root, storage, ["sentinel2_l2a"])["sentinel2_l2a"]
+    first = min(p[0][1] for p in table.values())
+    start, end = first + dt.timedelta(days=40), first + dt.timedelta(days=40 + 5 * 30 - 1)  # 5 periods
+    left, top = col0 * 2560.0, -row0 * 2560.0
+    grid = Grid("EPSG:32618", left + 30.0, top - 50.0, 500, 500)
+    src = CorpusSource(root, ["sentinel2_l2a"], storage, start.isoformat(), end.isoformat(), grid=grid)
+    again = CorpusSource(root, ["sentinel2_l2a"], storage, start.isoformat(), end.isoformat(),
+                         _plan=src.spec()["plan"])  # a worker's copy: no listing  # fmt: skip
+    assert len(src.months) == 5
+
+    # expected: the 512 x 512 px block of whole samples on the area's timeline
+    block = np.full((512, 512, 5, 12), np.nan, np.float32)
+    for sid, (_, col, row) in cells.items():
+        x, _, _ = read_sample(root, sid, storage, modalities=["sentinel2_l2a"])
+        periods = table[sid]
+        t0 = min(p[1] for p in periods)
+        a = x["sentinel2_l2a"]
+        r, c = (row - row0) * 256, (col - col0) * 256
+        for t in range(a.shape[2]):
+            mid = t0 + dt.timedelta(days=t * 30 + 15)
+            k = (mid - start).days // 30
+            if start <= mid <= end and 0 <= k < 5 and np.isnan(block[r : r + 256, c : c + 256, k]).all():
+                block[r : r + 256, c : c + 256, k] = a[:, :, t]
+    for tile in make_tiles(grid, 100, 20, 4):
+        want = block[5 + tile.y : 5 + tile.y + 100, 3 + tile.x : 3 + tile.x + 100]
+        got = again.read(tile, grid)["sentinel2_l2a"]
+        np.testing.assert_array_equal(got, want)
+    assert np.isfinite(block).any()
+    # no time range: the 12 periods (from an image's start) holding the most images of the area
+    default = CorpusSource(root, ["sentinel2_l2a"], storage, "", "", grid=grid)
+    starts = sorted(p[1] for v in table.values() for p in v)
+    a = dt.date.fromisoformat(default.time[0])
+    in_window = sum(a <= b <= a + dt.timedelta(days=359) for b in starts)
+    assert len(default.months) == 12 and a in starts
+    assert all(in_window >= sum(s <= b <= s + dt.timedelta(days=359) for b in starts) for s in starts)
+
+
+def test_serve_app_options_autoscaling_gpu_and_batching():
+    import yaml
+
+    from serve.app import ServeConfig, app_builder, build_app
+
+    d = build_app(ServeConfig(num_gpus=1, min_replicas=1, max_replicas=3, target_ongoing_requests=8))._bound_deployment
+    assert d.ray_actor_options["num_gpus"] == 1
+    auto = d._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 3, 8)
+    with pytest.raises(ValueError, match="max_ongoing_requests"):
+        build_app(ServeConfig(max_batch_size=16, max_ongoing_requests=8))
+    args = yaml.safe_load(open("configs/serve.yaml"))["applications"][0]["args"]
+    d = app_builder(args)._bound_deployment
+    assert d._deployment_config.max_ongoing_requests >= args["max_batch_size"]
+    assert "num_gpus" not in d.ray_actor_options  # num_gpus: 0 -> CPU replicas
