@@ -15,7 +15,8 @@ Each sample is a 2560 m UTM cell. One land-cover map drives every modality so th
 Missing timesteps and missing modalities occur at rates like the original's. Values are scaled to land
 near the published per-band means (olmoearth/data/norm_stats.json).
 
-Labelled variant (`labelled=True`): the cells form one contiguous block of one UTM zone (split by col/row
+Labelled variant (`labelled=True`): the cells form one contiguous block of one UTM zone, all observed over
+one year from LABELLED_START (an area of interest, as the area-embedding job expects; split by col/row
 for a geographic train/test split), plus `labels.csv` (sample_id, label, label_name: the dominant class)
 and `10_labels/<name>_10.tif` (uint8 class per 10 m pixel). Deterministic for (seed, num_samples).
 """
@@ -140,6 +141,9 @@ class Cell:
         return rl.sample_id(self.epsg, self.col, self.row)
 
 
+LABELLED_START = dt.date(2021, 6, 1)
+
+
 def plan_cells(cfg: SynthConfig) -> list[Cell]:
     """Where and when each sample lies: scattered over UTM zones, or one contiguous block if labelled."""
     rng = np.random.default_rng([cfg.seed, 7])
@@ -159,6 +163,8 @@ def plan_cells(cfg: SynthConfig) -> list[Cell]:
             continue
         seen.add((epsg, col, row))
         start = dt.date(2016, 1, 1) + dt.timedelta(days=int(rng.integers(0, 8 * 365)))
+        if cfg.labelled:  # one area of interest, one acquisition year, starting in the growing season
+            start = LABELLED_START
         cells.append(Cell(i, epsg, col, row, start))
     return cells
 

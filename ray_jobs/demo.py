@@ -95,8 +95,8 @@ def run(cfg: DemoConfig) -> dict:
         with step(f"synthesise {cfg.raw_samples} raw samples + a labelled block of {cfg.labelled_samples}"):
             synth.main(["--out_uri", raw, "--num_samples", str(cfg.raw_samples), "--seed", "0",
                         "--ray_tasks", "4"])  # fmt: skip
-            synth.main(["--out_uri", labelled, "--num_samples", str(cfg.labelled_samples), "--seed", "1",
-                        "--labelled", "true", "--ray_tasks", "4"])  # fmt: skip
+            synth.main(["--config", os.path.join(ROOT, "configs/synth_labelled.yaml"), "--out_uri", labelled,
+                        "--num_samples", str(cfg.labelled_samples), "--ray_tasks", "4"])  # fmt: skip
 
         with step("build the corpus: validate, shard, normalisation statistics (Ray Data)"):
             build_corpus.main(["--config", os.path.join(ROOT, "configs/build_small.yaml"),

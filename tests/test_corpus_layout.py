@@ -78,6 +78,7 @@ def test_synth_deterministic_and_coherent(tmp_path):
     assert c["files"] != a["files"]
     # labelled cells form one contiguous block of one zone
     assert {x.epsg for x in cells} == {32618} and max(abs(x.col - cells[0].col) for x in cells) <= 2
+    assert len({x.start for x in cells}) == 1  # one area of interest, observed over one year
 
     root = str(tmp_path / "raw")
     summary = write_corpus(cfg, root, Storage())

@@ -103,3 +103,29 @@ def test_segmentation_probe_learns_a_linearly_separable_map():
     assert miou(labels[30:], pred, 3) > 0.6
     head2 = fit_segmentation_probe(feats[:30], labels[:30], 3, lr=0.05, epochs=30, seed=0)
     np.testing.assert_array_equal(predict_segmentation(head2, feats[30:], (16, 16)), pred)  # seeded
+
+
+def test_all_nodata_chips_are_reported_not_scored():
+    from pipelines.evaluation.extract import Features
+    from pipelines.evaluation.hook import load_probe_set
+    from pipelines.evaluation.task import TaskInfo
+
+    f = Features(["a", "b", "c"], np.array(["train", "test", "train"]), np.array([0, 1, 2]),
+                 {"x": np.arange(6.0).reshape(3, 2)}, np.array([False, True, False]))
+    kept, dropped = f.without_empty()
+    assert dropped == ["b"] and kept.ids == ["a", "c"] and kept.labels.tolist() == [0, 2]
+    assert kept.features["x"].tolist() == [[0.0, 1.0], [4.0, 5.0]] and kept.splits.tolist() == ["train", "train"]
+
+    class Reader:  # chip "b" lies wholly in a swath gap: every pixel NaN
+        def rows(self):
+            return [{"id": i, "split": "train"} for i in "abc"]
+
+        def load(self, row):
+            x = np.full((4, 4, 1, 2), np.nan if row["id"] == "b" else 1.0, np.float32)
+            return {"sentinel2_l2a": x}, np.zeros(1, np.int64), np.int64(0)
+
+        def info(self):
+            return TaskInfo("t", "classification", ["c0", "c1"])
+
+    ps = load_probe_set(Reader())
+    assert ps.ids == ["a", "c"] and ps.excluded == ["b"] and len(ps.chips) == 2

@@ -18,9 +18,20 @@ class Features:
     splits: np.ndarray  # (N,) "train" / "val" / "test"
     labels: np.ndarray  # (N,) | (N, K) | (N, H, W)
     features: dict[str, np.ndarray]  # source -> (N, D) | (N, h, w, D)
+    empty: np.ndarray | None = None  # (N,) bool: the chip has no valid pixel in any modality and timestep
 
     def split(self, name: str) -> np.ndarray:
         return np.flatnonzero(self.splits == name)
+
+    def without_empty(self) -> tuple["Features", list[str]]:
+        """The chips that carry data, and the ids of those that do not (an all-nodata chip has no features
+        to speak of: every encoder token is MISSING; it is reported, not scored)."""
+        if self.empty is None or not self.empty.any():
+            return self, []
+        keep = np.flatnonzero(~self.empty)
+        dropped = [self.ids[i] for i in np.flatnonzero(self.empty)]
+        return Features([self.ids[i] for i in keep], self.splits[keep], self.labels[keep],
+                        {k: v[keep] for k, v in self.features.items()}, self.empty[keep]), dropped
 
 
 def _stack(arrays: list[np.ndarray], where: str) -> np.ndarray:
@@ -61,7 +72,8 @@ class Embedder:
             for name, f in chip_features(self.sources, x, months, self.patch_size, self.pooling, self.dense).items():
                 for j, i in enumerate(idx):
                     feats[name][i] = f[j]
-        out = {"i": np.asarray(batch["i"]), "label": _stack([l for _, _, l in loaded], "labels")}
+        out = {"i": np.asarray(batch["i"]), "label": _stack([l for _, _, l in loaded], "labels"),
+               "empty": np.array([not any(np.isfinite(v).any() for v in x.values()) for x, _, _ in loaded])}
         for name, fl in feats.items():
             out[f"feat::{name}"] = _stack(fl, f"features of {name}")
         return out
@@ -96,7 +108,8 @@ def extract_features(reader, rows: list[dict], sources: dict[str, dict], patch_s
     perm = np.argsort(order)
     labels = np.concatenate([p["label"] for p in parts])[perm]
     features = {k.split("::", 1)[1]: np.concatenate([p[k] for p in parts])[perm] for k in parts[0] if k.startswith("feat::")}
-    return Features([r["id"] for r in rows], np.array([r["split"] for r in rows]), labels, features)
+    empty = np.concatenate([p["empty"] for p in parts])[perm]
+    return Features([r["id"] for r in rows], np.array([r["split"] for r in rows]), labels, features, empty)
 
 
 def embed_in_process(reader_or_chips, sources: dict[str, object], patch_size: int = 4, pooling: str = "mean",

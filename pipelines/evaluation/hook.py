@@ -30,6 +30,7 @@ class ProbeSet:
     labels: np.ndarray
     splits: np.ndarray
     ids: list[str]
+    excluded: list[str]  # chips with no valid pixel (all nodata): not scored
 
     @property
     def name(self) -> str:
@@ -43,8 +44,12 @@ def load_probe_set(reader, max_chips: int = 0, seed: int = 0) -> ProbeSet:
         keep = np.sort(np.random.default_rng(seed).choice(len(rows), size=max_chips, replace=False))
         rows = [rows[i] for i in keep]
     loaded = [reader.load(r) for r in rows]
+    has_data = [any(np.isfinite(v).any() for v in x.values()) for x, _, _ in loaded]
+    excluded = [r["id"] for r, ok in zip(rows, has_data) if not ok]
+    rows = [r for r, ok in zip(rows, has_data) if ok]
+    loaded = [c for c, ok in zip(loaded, has_data) if ok]
     return ProbeSet(reader.info(), [(x, m) for x, m, _ in loaded], np.stack([np.asarray(l) for _, _, l in loaded]),
-                    np.array([r["split"] for r in rows]), [r["id"] for r in rows])
+                    np.array([r["split"] for r in rows]), [r["id"] for r in rows], excluded)
 
 
 def probe(encoder: torch.nn.Module, task: ProbeSet, patch_size: int = 4, k: int = 20, linear: bool = True,

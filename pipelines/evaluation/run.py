@@ -128,6 +128,11 @@ def run_eval(cfg: EvalConfig) -> dict:
     feats = extract_features(reader, rows, sources, patch_size=cfg.patch_size, pooling=cfg.pooling, dense=dense,
                              batch_size=cfg.batch_size, num_actors=cfg.num_actors, s3_endpoint=cfg.s3_endpoint or None)
     t_embed = time.time() - t0
+    feats, no_data = feats.without_empty()
+    if no_data:
+        print(f"eval excluded {len(no_data)} chip(s) with no valid pixel in any modality/timestep "
+              f"(listed in eval.json under 'excluded'), e.g. {no_data[:3]}", flush=True)
+        sizes = {s: int((feats.splits == s).sum()) for s in sizes}
     records = []
     for name in tqdm(list(feats.features), desc="probes", unit="source"):
         one = type(feats)(feats.ids, feats.splits, feats.labels, {name: feats.features[name]})
@@ -139,6 +144,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     report = {
         "task": dataclasses.asdict(info),
         "splits": sizes,
+        "excluded": {"no_valid_pixel": no_data},
         "sources": {k: {kk: vv for kk, vv in v.items() if kk != "encoder"} for k, v in sources.items()},
         "config": dataclasses.asdict(cfg),
         "results": records,
