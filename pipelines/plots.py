@@ -1,11 +1,13 @@
-"""The loss-curve figure written beside a run's checkpoints: each loss part against the step, and the
-learning rate on a second panel. Rendered off-screen (Agg) to PNG bytes, so it can go to any URI."""
+"""The loss-curve figure written beside a run's checkpoints: each loss part against the step, the in-loop
+probe scores (keys like "synth/knn_accuracy", pipelines/evaluation/hook.py) on a right-hand axis beside
+them, and the learning rate on a second panel. Rendered off-screen (Agg) to PNG bytes, so it can go to any URI."""
 
 from __future__ import annotations
 
 import io
 
 LOSS_KEYS = ("loss", "patch_disc", "contrastive")
+PROBE_METRICS = ("accuracy", "f1", "map", "miou")
 
 
 def loss_curve_png(records: list[dict], title: str = "pretraining") -> bytes:
@@ -26,7 +28,19 @@ def loss_curve_png(records: list[dict], title: str = "pretraining") -> bytes:
     ax_loss.set_ylabel("loss")
     ax_loss.set_title(title)
     ax_loss.grid(alpha=0.3)
-    ax_loss.legend()
+    handles, labels = ax_loss.get_legend_handles_labels()
+    probe_keys = sorted({k for r in records for k in r if "/" in k and k.rsplit("_", 1)[-1] in PROBE_METRICS})
+    if probe_keys:
+        ax_probe = ax_loss.twinx()
+        for i, key in enumerate(probe_keys):
+            steps, values = zip(*[(r["step"], r[key]) for r in records if key in r], strict=True)
+            ax_probe.plot(steps, values, linestyle="--", marker="o", color=f"C{len(LOSS_KEYS) + i}",
+                          label=f"probe {key}")
+        ax_probe.set_ylabel("probe score")
+        ax_probe.set_ylim(0.0, 1.0)
+        h, lab = ax_probe.get_legend_handles_labels()
+        handles, labels = handles + h, labels + lab
+    ax_loss.legend(handles, labels, fontsize="small")
     pts = [(r["step"], r["lr"]) for r in records if "lr" in r]
     if pts:
         steps, values = zip(*pts, strict=True)
