@@ -1,18 +1,29 @@
-"""Pretraining throughput, side by side in one run, on a small synthetic corpus (local files):
+"""Pretraining throughput, side by side in one run, on a synthetic corpus in local files:
 
-1. this job (Ray Train + DeepSpeed ZeRO-2, the Ray Data stream), 1 worker      -> tokens/s per worker
-2. a plain single-process PyTorch loop: same model, same batches (pre-read into memory), same AdamW
-   groups, schedule and clipping                                               -> tokens/s
-3. this job with 2 workers                                                     -> tokens/s in total
-Every process uses one torch thread, so "per worker" compares like with like.
+1. this job (`pipelines.train.fit`: Ray Train + DeepSpeed ZeRO-2, the Ray Data stream), 1 worker
+   -> tokens/s per worker;
+2. a plain single-process PyTorch loop over the same model, the same batches (the epoch the job trained,
+   read into memory first, in the job's order), the same AdamW groups, schedule and clipping -> tokens/s;
+   it runs before, between and after the jobs and the mean of the three counts (the machine may be shared);
+   a second figure pairs each logging interval of the job with the same steps of the plain loops (median
+   of the three) and takes the median ratio over intervals, which bursts of other load move less;
+3. this job with 2 workers, global batch 2 x 4, over the same epoch (half the steps) -> tokens/s in total;
+4. two plain loops at once in two processes, each over every other batch: the most 2 workers could get
+   on this machine without any framework, stream or communication (what bounds the scaling).
 
-    DS_ACCELERATOR=cpu python bench/pretrain.py [--steps 40] [--size nano]
+Every training process uses one torch thread, so "per worker" compares like with like. Steady state: the
+first logging interval (start-up: worker group, DeepSpeed, the stream's first batches) is left out of
+every rate, and the same steps are left out of the plain loop; the start-up time is printed separately.
+The corpus holds one epoch of `--steps` batches, so no epoch restart falls inside the measurement.
+
+    DS_ACCELERATOR=cpu python bench/pretrain.py [--steps 50] [--log_every 5] [--size nano]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -23,102 +34,186 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+MICRO_BATCH = 4  # samples per worker per step
 
-def job_throughput(cfg, storage, key: str) -> float:
-    """Mean of a metric over the run's logged rows, leaving out the first (start-up) interval."""
+
+def run_job(cfg, storage) -> dict:
+    """Run the job; its steady-state rates from the metrics rows it logged (first interval left out)."""
     from pipelines.train import fit, run_uri
 
+    started = time.time()
     fit(cfg)
+    wall = time.time() - started
     rows = [json.loads(line) for line in storage.read_text(run_uri(cfg) + "/metrics.jsonl").splitlines()]
-    rows = rows[1:] or rows
-    tokens = sum(r[key] * r["interval_s"] for r in rows)
-    return tokens / sum(r["interval_s"] for r in rows)
+    if len(rows) < 2:
+        raise SystemExit(f"{cfg.run.name}: {len(rows)} metrics rows; raise --steps or lower --log_every")
+    steady = rows[1:]
+    seconds = sum(r["interval_s"] for r in steady)
+    tokens = sum(r["tokens_per_s"] * r["interval_s"] for r in steady)
+    steps = steady[-1]["step"] - rows[0]["step"]
+    step_s = seconds / steps
+    workers = cfg.scaling.num_workers
+    return {
+        "tokens_per_s": tokens / seconds,
+        "tokens_per_s_per_worker": tokens / seconds / workers,
+        "step_s": step_s,
+        # fit() called -> first step done: first row's end less its steps at the steady rate
+        "startup_s": rows[0]["time"] - started - rows[0]["step"] * step_s,
+        "wall_s": wall,
+        "data_wait_frac": sum(r["data_wait_frac"] * r["interval_s"] for r in steady) / seconds,
+        "mfu": sum(r["mfu"] * r["interval_s"] for r in steady) / seconds,
+        "interval_rates": [r["tokens_per_s_per_worker"] for r in steady],
+    }
 
 
-def plain_loop(cfg, batches: list[dict], steps: int) -> float:
-    """tokens/s of a single-process loop over the same model, batches and optimiser."""
+def plain_loop(cfg, batches: list[dict], interval: int, start_at: float = 0.0) -> list[tuple[int, float]]:
+    """A single-process loop over the same model, batches and optimiser: (tokens, seconds) of each interval
+    of `interval` steps, the first (warm-up) interval left out as in the job's figures. start_at: wall-clock
+    time to start stepping at (so that concurrent copies overlap)."""
     import torch
 
     from olmoearth import build_model
     from olmoearth.layout import MISSING
     from pipelines.deepspeed_config import lr_factor_fn
 
+    torch.set_num_threads(1)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.size)
     o = cfg.optim
     opt = torch.optim.AdamW(model.param_groups(o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor_fn(o, cfg.train.max_steps))
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    warmup = max(1, steps // 5)
-    tokens, start = 0, None
-    for step in range(steps):
-        if step == warmup:
-            tokens, start = 0, time.perf_counter()
-        batch = batches[step % len(batches)]
+    time.sleep(max(0.0, start_at - time.time()))
+    intervals, tokens, started = [], 0, time.perf_counter()
+    for step, batch in enumerate(batches, start=1):
         out = model(batch)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trainable, o.grad_clip)
         opt.step()
         sched.step()
         tokens += sum(int((m != MISSING).sum()) for m in batch["mask_a"].values())
-    return tokens / (time.perf_counter() - start)
+        if step % interval == 0:
+            intervals.append((tokens, time.perf_counter() - started))
+            tokens, started = 0, time.perf_counter()
+    return intervals[1:]
+
+
+def rate(intervals: list[tuple[int, float]]) -> float:
+    return sum(t for t, _ in intervals) / sum(s for _, s in intervals)
+
+
+def plain_loops_in_parallel(cfg, batches: list[dict], interval: int) -> float:
+    """Total tokens/s of two plain loops running at once in two processes, each over every other batch
+    (as 2 workers split them), no communication: what this machine allows for 2 workers."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    start_at = time.time() + 15  # after both processes have imported torch and built their model
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+        runs = [pool.submit(plain_loop, cfg, batches[i::2], interval, start_at) for i in range(2)]
+        return sum(rate(r.result()) for r in runs)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=40)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=50, help="steps of the 1-worker run (the 2-worker run: half)")
+    ap.add_argument("--log_every", type=int, default=5)
     ap.add_argument("--size", default="nano")
-    ap.add_argument("--samples", type=int, default=8, help="256x256 cells in the synthetic corpus")
+    ap.add_argument("--shards", default="", help="an already built corpus to use (else one is synthesised)")
     args = ap.parse_args()
+    if args.steps % (2 * args.log_every) or args.steps < 4 * args.log_every:
+        raise SystemExit("--steps must be a multiple of 2 x --log_every and at least 4 x --log_every")
 
+    import numpy as np
     import ray
     import torch
 
     from olmoearth.config import from_dict
     from pipelines.build import BuildConfig, build_corpus
     from pipelines.storage import Storage
-    from pipelines.stream import iter_training_batches, training_dataset
+    from pipelines.stream import iter_training_batches, num_batches, training_dataset
     from pipelines.synth import SynthConfig, write_corpus
     from pipelines.train import PretrainConfig
 
     torch.set_num_threads(1)
+    load_at_start = os.getloadavg()[0]
     tmp = tempfile.mkdtemp(prefix="bench_pretrain_")
     storage = Storage()
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
-        write_corpus(SynthConfig(num_samples=args.samples, seed=0, timesteps=3), f"{tmp}/raw", storage)
-        build_corpus(BuildConfig(raw_uri=f"{tmp}/raw", out_uri=f"{tmp}/shards", samples_per_shard=4), storage)
+        shards = args.shards or f"{tmp}/shards"
+        if not args.shards:
+            cells = math.ceil(args.steps * MICRO_BATCH / 4)  # 4 training samples per 256 x 256 cell
+            write_corpus(SynthConfig(num_samples=cells, seed=0, timesteps=3), f"{tmp}/raw", storage)
+            build_corpus(BuildConfig(raw_uri=f"{tmp}/raw", out_uri=shards, samples_per_shard=4), storage)
         base = {
             "model": {"size": args.size},
-            "data": {"shards_uri": f"{tmp}/shards", "batch_size": 4, "min_patch_size": 4, "max_patch_size": 4,
-                     "max_tokens_per_side": 4, "token_budget": 400, "local_shuffle_buffer": 64},
+            "data": {"shards_uri": shards, "batch_size": MICRO_BATCH, "min_patch_size": 4,
+                     "max_patch_size": 4, "max_tokens_per_side": 4, "token_budget": 400,
+                     "local_shuffle_buffer": 64},
             "optim": {"lr": 1e-3, "warmup_steps": 2},
-            "train": {"max_steps": args.steps, "global_batch_size": 4, "zero_stage": 2, "precision": "fp32",
-                      "log_every": max(1, args.steps // 5), "checkpoint_every": 10**6, "keep_checkpoints": 1},
+            "train": {"max_steps": args.steps, "global_batch_size": MICRO_BATCH, "zero_stage": 2,
+                      "precision": "fp32", "log_every": args.log_every, "checkpoint_every": 10**6,
+                      "keep_checkpoints": 1},
             "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1, "threads_per_worker": 1},
             "run": {"name": "w1", "storage_path": f"{tmp}/runs", "resume": False},
         }  # fmt: skip
         cfg1 = from_dict(PretrainConfig, base)
-        job1 = job_throughput(cfg1, storage, "tokens_per_s_per_worker")
+        if num_batches(cfg1.data, storage) < args.steps:
+            raise SystemExit(f"the corpus has fewer than {args.steps} batches")
+        # the batches the 1-worker job trains on, in its order (epoch 0, index order)
+        started = time.perf_counter()
+        batches = []
+        for batch in iter_training_batches(training_dataset(cfg1.data, storage, epoch=0), cfg1.data):
+            batches.append(batch)
+            if len(batches) == args.steps:
+                break
+        read_s = time.perf_counter() - started
 
+        # the plain loop runs before, between and after the jobs: the machine may be shared
+        plain_runs = [plain_loop(cfg1, batches, args.log_every)]
+        job1 = run_job(cfg1, storage)
+        plain_runs.append(plain_loop(cfg1, batches, args.log_every))
         cfg2 = from_dict(PretrainConfig, base)
-        cfg2.train.global_batch_size = 8
+        cfg2.train.max_steps = args.steps // 2
+        cfg2.train.global_batch_size = 2 * MICRO_BATCH
         cfg2.scaling.num_workers = 2
         cfg2.run.name = "w2"
-        job2 = job_throughput(cfg2, storage, "tokens_per_s")
-
-        ds = training_dataset(cfg1.data, storage, epoch=0)
-        batches = list(iter_training_batches(ds, cfg1.data))
-        plain = plain_loop(cfg1, batches, args.steps)
+        job2 = run_job(cfg2, storage)
+        plain_runs.append(plain_loop(cfg1, batches, args.log_every))
+        plain2 = plain_loops_in_parallel(cfg1, batches, args.log_every)
     finally:
         ray.shutdown()
+    plain_rates = [rate(run) for run in plain_runs]
+    plain = float(np.mean(plain_rates))
+    # paired by interval (the 1-worker job and the plain loop train the same batches in each interval):
+    # job rate / the plain loops' median rate, median over intervals; robust to bursts of other load
+    paired = [job / np.median([run[i][0] / run[i][1] for run in plain_runs])
+              for i, job in enumerate(job1["interval_rates"])]  # fmt: skip
 
-    print(f"job_1worker_tokens_per_s: {job1:.1f} tokens/s")
-    print(f"plain_pytorch_tokens_per_s: {plain:.1f} tokens/s")
-    print(f"job_2workers_tokens_per_s: {job2:.1f} tokens/s")
-    print(f"ratio job_vs_plain_per_worker: {job1 / plain:.3f}")
-    print(f"ratio scaling_efficiency_2_workers: {job2 / (2 * job1):.3f}")
+    print(f"cpu_cores: {os.cpu_count()} cores")
+    print(f"load_average_1min: {load_at_start:.2f} processes at start, {os.getloadavg()[0]:.2f} at the end")
+    print(f"stream_read_in_driver: {read_s / args.steps * 1000:.1f} ms/batch (Ray Data start-up included)")
+    runs = ", ".join(f"{r:.1f}" for r in plain_rates)
+    print(f"plain_pytorch_tokens_per_s: {plain:.1f} tokens/s (mean of 3 runs: {runs})")
+    for name, job in (("job_1worker", job1), ("job_2workers", job2)):
+        print(f"{name}_tokens_per_s: {job['tokens_per_s']:.1f} tokens/s")
+        print(f"{name}_tokens_per_s_per_worker: {job['tokens_per_s_per_worker']:.1f} tokens/s")
+        print(f"{name}_step_time: {job['step_s'] * 1000:.1f} ms")
+        print(f"{name}_data_wait: {job['data_wait_frac'] * 100:.1f} %")
+        print(f"{name}_mfu: {job['mfu'] * 100:.2f} % (of a measured 1-thread fp32 matmul peak)")
+        print(f"{name}_startup: {job['startup_s']:.1f} s")
+        print(f"{name}_fit_wall: {job['wall_s']:.1f} s")
+    print(f"plain_pytorch_2_processes_tokens_per_s: {plain2:.1f} tokens/s (two independent loops at once)")
+    print(f"ratio job_vs_plain_per_worker: {job1['tokens_per_s_per_worker'] / plain:.3f}")
+    print(f"ratio job_vs_plain_per_worker_paired_median: {np.median(paired):.3f}")
+    print(f"ratio scaling_efficiency_2_workers: {job2['tokens_per_s'] / (2 * job1['tokens_per_s']):.3f}")
+    # the same ratio for independent processes: the bound this machine (cores, memory bandwidth, other
+    # tenants) sets on 2 workers, with no framework, data stream or communication at all
+    print(f"ratio machine_scaling_2_processes: {plain2 / (2 * plain):.3f}")
+    print(f"ratio job_2workers_vs_2_plain_processes: {job2['tokens_per_s'] / plain2:.3f}")
 
 
 if __name__ == "__main__":

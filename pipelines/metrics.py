@@ -133,6 +133,7 @@ class RunningMeter:
         self.samples = 0
         self.tokens = 0
         self.flops = 0.0
+        self.data_wait = 0.0  # seconds this worker waited for its input stream
         self.start = time.perf_counter()
 
     def add_losses(self, **values: float) -> None:
@@ -147,15 +148,30 @@ class RunningMeter:
         self.tokens += tokens
         self.flops += flops
 
-    def record(self, world_size: int = 1) -> dict[str, float]:
-        """Means of the losses, throughput of this worker x world_size (all workers run in lockstep),
-        and MFU of this worker against its own peak."""
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
+    def add_data_wait(self, seconds: float) -> None:
+        self.data_wait += seconds
+
+    def record(self, world_size: int = 1, sum_over_workers=None) -> dict[str, float]:
+        """Means of the losses, throughput of all workers and per worker, MFU against one worker's peak,
+        and the fraction of the interval spent waiting for data. `sum_over_workers(list[float]) ->
+        list[float]` adds the workers' counts and interval lengths (an all-reduce); without it this
+        worker's counts stand for every worker's (workers run in lockstep, but their batches differ in
+        tokens)."""
+        counts = [float(self.samples), float(self.tokens), self.flops, self.data_wait,
+                  max(time.perf_counter() - self.start, 1e-9)]  # fmt: skip
+        if sum_over_workers is not None and world_size > 1:
+            samples, tokens, flops, wait, elapsed = sum_over_workers(counts)
+            elapsed /= world_size  # the workers' mean interval
+        else:
+            samples, tokens, flops, wait = (c * world_size for c in counts[:4])
+            elapsed = counts[4]
         out = {k: self.sums[k] / self.counts[k] for k in self.sums}
-        out["samples_per_s"] = self.samples * world_size / elapsed
-        out["tokens_per_s"] = self.tokens * world_size / elapsed
-        out["tokens_per_s_per_worker"] = self.tokens / elapsed
-        out["mfu"] = self.flops / elapsed / self.peak if self.peak > 0 else float("nan")
+        out["samples_per_s"] = samples / elapsed
+        out["tokens_per_s"] = tokens / elapsed
+        out["tokens_per_s_per_worker"] = tokens / world_size / elapsed
+        out["mfu"] = flops / world_size / elapsed / self.peak if self.peak > 0 else float("nan")
+        out["data_wait_frac"] = wait / world_size / elapsed
         out["interval_s"] = elapsed
+        out["time"] = time.time()  # wall clock at the end of the interval
         self.reset()
         return out

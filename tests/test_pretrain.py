@@ -66,6 +66,31 @@ def test_deepspeed_config_batch_arithmetic_precision_and_optimiser():
         deepspeed_config(optim, 1, 4, 1, 1, use_gpu=False, precision="fp16")
 
 
+def test_normal_priority_undoes_rays_worker_niceness():
+    """Ray starts workers at niceness 15; the training loop sets every thread of its process back to 0
+    where it may (root / CAP_SYS_NICE). In a child process, so this test's own priority is untouched."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import os, threading
+        os.nice(15)
+        started = threading.Event()
+        t = threading.Thread(target=started.wait, daemon=True)  # a thread that exists before the call
+        t.start()
+        from pipelines.train import normal_priority
+        ok = normal_priority()
+        print(ok, os.getpriority(os.PRIO_PROCESS, 0), os.getpriority(os.PRIO_PROCESS, t.native_id))
+        started.set()
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    if os.geteuid() == 0:
+        assert out == ["True", "0", "0"]
+    else:  # not allowed: left as Ray set it, and said so
+        assert out == ["False", "15", "15"]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Metrics and plots
 
@@ -153,6 +178,9 @@ def corpus(s3_server, ray_cluster):
     return storage, bucket, join(bucket, "shards")
 
 
+LR = 3e-4
+
+
 def nano_config(corpus, name: str, **train):
     """The CPU config of configs/pretrain_nano_cpu.yaml, shrunk: 2-sample batches (12 per epoch, 6 steps of
     2 workers), patch sizes 2..4, <= 4 x 4 tokens per side."""
@@ -165,7 +193,9 @@ def nano_config(corpus, name: str, **train):
         "data": {"shards_uri": shards, "batch_size": 2, "min_patch_size": 2, "max_patch_size": 4,
                  "max_tokens_per_side": 4, "token_budget": 400, "local_shuffle_buffer": 32,
                  "num_cpus_per_task": 0.5},
-        "optim": {"lr": 2e-3, "weight_decay": 0.002, "warmup_steps": 3},
+        # lr 3e-4 (3 warmup steps): with a higher peak the pooled projections of different samples draw
+        # together in the first tens of steps (the contrastive part rises) and the total loss stalls
+        "optim": {"lr": LR, "weight_decay": 0.002, "warmup_steps": 3},
         "train": {"max_steps": 30, "global_batch_size": 4, "zero_stage": 2, "precision": "fp32",
                   "log_every": 1, "checkpoint_every": 5, "keep_checkpoints": 2, **train},
         "scaling": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1, "threads_per_worker": 1},
@@ -181,12 +211,13 @@ def final_state(storage, run: str) -> dict:
     return json.loads(storage.read_text(latest_checkpoint(storage, run) + "/" + STATE_FILE))
 
 
-def eval_loss(model, batches, key: str = "patch_disc") -> float:
+def batch_losses(model, batches) -> np.ndarray:
+    """Total loss of each batch, in eval mode (no flips; the masks are part of the batch)."""
     import torch
 
     model.eval()
     with torch.no_grad():
-        return float(np.mean([float(model(b)[key]) for b in batches]))
+        return np.array([float(model(b)["loss"]) for b in batches])
 
 
 @pytest.fixture(scope="module")
@@ -230,33 +261,36 @@ def test_pretrain_recovers_from_a_worker_failure_and_learns(corpus, trained):
     # metrics: every part of the loss, the schedule, throughput, MFU, memory
     rows = state["history"]
     for key in ("loss", "patch_disc", "contrastive", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "mfu",
-                "memory_gb"):
+                "memory_gb", "data_wait_frac"):
         assert all(np.isfinite(r[key]) for r in rows), key
     assert all(r["mfu"] > 0 and r["tokens_per_s"] > 0 and r["memory_gb"] > 0 for r in rows)
+    assert all(0 <= r["data_wait_frac"] <= 1 for r in rows)
     lrs = [r["lr"] for r in rows]
-    assert lrs[0] < lrs[2] == pytest.approx(2e-3) and lrs[-1] == pytest.approx(2e-4)  # warmup, cosine to 0.1x
+    assert lrs[0] < lrs[2] == pytest.approx(LR) and lrs[-1] == pytest.approx(LR / 10)  # warmup, cosine to 0.1x
     assert storage.read_bytes(run + "/loss_curve.png")[:4] == b"\x89PNG"
     assert len(storage.read_text(run + "/metrics.jsonl").splitlines()) == 30
 
-    # the loss goes down: fixed batches, the initial model against the trained one (fp32 master weights).
-    # The patch-discrimination part is compared: with 2-sample batches the InfoNCE part (0.1 x) starts low
-    # and moves by chance over 30 steps.
-    batches = []
-    for b in iter_training_batches(training_dataset(cfg.data, storage, epoch=0), cfg.data):
-        batches.append(b)
-        if len(batches) == 6:
-            break
-    torch.manual_seed(cfg.train.seed)
-    model = build_model("nano")
-    before = eval_loss(model, batches)
-    local = storage.fs(run)
+    # the loss goes down: the total loss (patch discrimination + 0.1 x contrastive) of the initial and the
+    # trained model on the same fixed batches (8 samples each, epochs 0 and 1 of the stream: other crops and
+    # masks than the 2-sample training batches). A paired comparison, because the per-step training loss
+    # is set mostly by each batch's random patch size and crop (its token count), not by progress: the
+    # first and last steps of the run's own curve differ as much with a learning rate of 0.
+    import dataclasses
     import tempfile
 
+    eval_data = dataclasses.replace(cfg.data, batch_size=8)
+    batches = [b for epoch in (0, 1)
+               for b in iter_training_batches(training_dataset(eval_data, storage, epoch=epoch), eval_data)]  # fmt: skip
+    assert len(batches) == 6
+    torch.manual_seed(cfg.train.seed)
+    model = build_model("nano")
+    before = batch_losses(model, batches)
     with tempfile.TemporaryDirectory() as tmp:
-        local.get(cks[-1][1] + "/", tmp, recursive=True)
+        storage.fs(run).get(cks[-1][1] + "/", tmp, recursive=True)
         model.load_state_dict(consolidated_state_dict(tmp), strict=True)
-    after = eval_loss(model, batches)
-    assert after < before, (before, after)
+    after = batch_losses(model, batches)
+    assert after.mean() < before.mean() - 0.01, (before, after)
+    assert (after < before).sum() >= 5, (before, after)
 
 
 def test_export_reproduces_the_in_training_encoder(corpus, trained):
@@ -307,7 +341,8 @@ def test_resubmitted_run_continues_from_its_checkpoint(corpus, trained):
 def test_zero_stages_run_and_export(corpus, stage, tmp_path):
     """ZeRO-1 and ZeRO-3 (the YAML config and the CLI entry point): a short run, then an export that must
     reproduce the in-training encoder (ZeRO-3 shards every parameter, frozen ones included). The ZeRO-1
-    run also calls the in-loop probe (pipelines/evaluation/hook.py) on a labelled synthetic set."""
+    run also calls the in-loop probe (pipelines/evaluation/hook.py) on a labelled synthetic set; the
+    ZeRO-3 run accumulates gradients over 2 microbatches per step."""
     from olmoearth import load_encoder
     from pipelines.train import list_checkpoints
     from ray_jobs.export import main as export_main
@@ -321,6 +356,8 @@ def test_zero_stages_run_and_export(corpus, stage, tmp_path):
             "--run.storage_path", f"{bucket}/runs", "--run.name", f"zero{stage}",
             "--run.s3_endpoint", storage.s3_endpoint, "--train.zero_stage", str(stage), "--train.max_steps", "3",
             "--optim.warmup_steps", "1", "--train.checkpoint_every", "2", "--scaling.cpus_per_worker", "1"]  # fmt: skip
+    if stage == 3:  # gradient accumulation: 2-sample microbatches, 2 per worker per step of 8 samples
+        argv += ["--data.batch_size", "2"]
     if stage == 1:
         from pipelines.synth import SynthConfig, write_corpus
 
@@ -336,6 +373,10 @@ def test_zero_stages_run_and_export(corpus, stage, tmp_path):
         assert [r["step"] for r in state["history"]] == [3]
         assert 0.0 <= state["history"][-1]["probe/synth/knn_accuracy"] <= 1.0
     assert state["step"] == 3 and state["config"]["train"]["zero_stage"] == stage
+    assert state["samples_seen"] == 3 * 8
+    # batches of the epoch trained on: 2 per step (ZeRO-1: 4 samples per worker), or 4 per step when 2
+    # microbatches of 2 samples per worker accumulate into one step (ZeRO-3)
+    assert sorted(state["consumed"]) == list(range(6 if stage == 1 else 12))
     assert [s for s, _ in list_checkpoints(storage, run)] == [2, 3]
     out = str(tmp_path / "enc.safetensors")
     assert export_main(["--checkpoint", run, "--out", out, "--s3_endpoint", storage.s3_endpoint]) == 0
