@@ -20,7 +20,7 @@ test: install
 	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q tests
 
 demo: install
-	DS_ACCELERATOR=cpu $(BIN)/python -m ray_jobs.demo $(if $(DEMO_FAST),--fast true,)
+	DS_ACCELERATOR=cpu $(BIN)/python -m ray_jobs.demo $(if $(DEMO_FAST),--fast true,) $(if $(DEMO_OUT),--out $(DEMO_OUT),)
 
 lint: install
 	$(BIN)/ruff check olmoearth pipelines serve ray_jobs tests bench

@@ -35,7 +35,7 @@ def loss_curve_png(records: list[dict], title: str = "pretraining") -> bytes:
         for i, key in enumerate(probe_keys):
             steps, values = zip(*[(r["step"], r[key]) for r in records if key in r], strict=True)
             ax_probe.plot(steps, values, linestyle="--", marker="o", color=f"C{len(LOSS_KEYS) + i}",
-                          label=f"probe {key}")
+                          label=key if key.startswith("probe/") else f"probe/{key}")
         ax_probe.set_ylabel("probe score")
         ax_probe.set_ylim(0.0, 1.0)
         h, lab = ax_probe.get_legend_handles_labels()

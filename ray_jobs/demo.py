@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from olmoearth.config import load_config
 
@@ -33,7 +33,9 @@ class DemoConfig:
     raw_samples: int = 48  # unlabelled pretraining corpus (2560 m cells)
     labelled_samples: int = 64  # labelled corpus: a contiguous block for evaluation and the area embedding
     pretrain_steps: int = 300
-    area_cells: int = 4  # the embedded area is area_cells x area_cells grid cells (2.56 km each)
+    area_cells: int = 3  # the embedded area is area_cells x area_cells grid cells (2.56 km each)
+    # months embedded: a summer in the labelled block's acquisition year (pipelines.synth.LABELLED_START)
+    area_time: list[str] = field(default_factory=lambda: ["2021-06-01", "2021-08-30"])
     keep_data: bool = False  # keep the SeaweedFS data folder afterwards
 
 
@@ -107,6 +109,7 @@ def run(cfg: DemoConfig) -> dict:
                            "--data.shards_uri", shards, "--run.storage_path", f"{s3}/runs",
                            "--run.name", "demo-nano", "--train.max_steps", str(cfg.pretrain_steps),
                            "--optim.warmup_steps", str(max(1, cfg.pretrain_steps // 10)),
+                           "--train.probe_every", str(max(5, cfg.pretrain_steps // 6)), "--train.probe_uri", labelled,
                            "--run.resume", "false"])  # fmt: skip
             run_uri = f"{s3}/runs/demo-nano"
 
@@ -159,7 +162,9 @@ def _serve_and_embed(cfg: DemoConfig, labelled: str, encoder_uri: str, out: str,
     (x0, y0, _, _), (_, _, x1, y1) = cell_bounds(cols[0], rows[-1]), cell_bounds(cols[-1], rows[0])
     bbox = [x0, y0, x1, y1]  # minx, miny, maxx, maxy in the cells' UTM CRS
     area_out = os.path.join(out, "area")
+    # three summer months of the block's acquisition year: 16 x 16 tokens x 3 months x 3 bandsets per tile
     embed_area.main(["--source", labelled, "--bbox", json.dumps(bbox), "--bbox_crs", f"EPSG:{epsg}",
+                     "--time_start", cfg.area_time[0], "--time_end", cfg.area_time[1],
                      "--model_uri", encoder_uri, "--engine", "serve", "--serve_url", url,
                      "--out", area_out])  # fmt: skip
     from ray import serve

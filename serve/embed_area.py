@@ -63,6 +63,7 @@ class EmbedAreaConfig:
     formats: list[str] = field(default_factory=lambda: ["cog", "zarr"])
     int8: bool = False
     preview: bool = True
+    preview_detile: bool = True  # the PNG leaves out the tiling's position component (see assemble below)
     block_tokens: int = 256  # output block (tokens per side) assembled at a time
     s3_endpoint: str | None = None
     fail_tiles: list[str] = field(default_factory=list)  # tile ids made to fail (tests of the failure path)
@@ -471,10 +472,20 @@ def assemble(cfg: EmbedAreaConfig, grid: Grid, tiles: list[Tile], done: dict, st
         writer = MosaicWriter(tmp, grid, p, dim, cfg.formats, scale, cfg.preview,
                               tags={"model": cfg.model_uri, "patch_size": p, "tile_size": cfg.tile_size,
                                     "overlap": cfg.overlap})  # fmt: skip
-        if cfg.preview:
-            writer.fit_pca(list(sample.values()))
         bt = cfg.block_tokens
         by_id = {t.id: t for t in ok}
+        # An encoder sees every tile at tile-relative positions: a weakly trained one adds the same position
+        # signal to each tile, and a plain PCA paints the tile lattice instead of the land. With preview_detile
+        # the PNG leaves out that component: the mean embedding at each tile-relative position (over the
+        # sample tiles), blended exactly as the tiles are. The COG and zarr keep the encoder's embeddings.
+        position_mean = None
+        if cfg.preview and cfg.preview_detile:
+            full = [v for v in sample.values() if v.shape[:2] == (size_t, size_t)]
+            if full:
+                position_mean = np.nan_to_num(np.nanmean(np.stack(full), axis=0))  # (size_t, size_t, D)
+        if cfg.preview:
+            writer.fit_pca([v - position_mean if position_mean is not None and v.shape[:2] == (size_t, size_t) else v
+                            for v in sample.values()])  # fmt: skip
         cache = {k: v for k, v in sample.items() if k in by_id}
         for by in range(0, ht, bt):
             for tid in [k for k in cache if by_id[k].y // p + size_t <= by]:  # above this block row: done
@@ -487,6 +498,7 @@ def assemble(cfg: EmbedAreaConfig, grid: Grid, tiles: list[Tile], done: dict, st
                 bh, bw = min(bt, ht - by), min(bt, wt - bx)
                 acc = np.zeros((bh, bw, dim), np.float64)
                 wsum = np.zeros((bh, bw, 1), np.float64)
+                pacc = np.zeros((bh, bw, dim), np.float64) if position_mean is not None else None
                 for t in ok:
                     ty, tx = t.y // p, t.x // p
                     y0, y1 = max(by, ty), min(by + bh, ty + size_t, ht)
@@ -498,8 +510,11 @@ def assemble(cfg: EmbedAreaConfig, grid: Grid, tiles: list[Tile], done: dict, st
                     w = np.where(np.isfinite(e).all(-1, keepdims=True), w, 0.0)
                     acc[y0 - by : y1 - by, x0 - bx : x1 - bx] += w * np.nan_to_num(e)
                     wsum[y0 - by : y1 - by, x0 - bx : x1 - bx] += w
+                    if pacc is not None:
+                        pacc[y0 - by : y1 - by, x0 - bx : x1 - bx] += w * position_mean[y0 - ty : y1 - ty, x0 - tx : x1 - tx]
                 block = np.where(wsum > 0, acc / np.maximum(wsum, 1e-12), np.nan).astype(np.float32)
-                writer.write_block(by, bx, block)
+                tiling = None if pacc is None else (pacc / np.maximum(wsum, 1e-12)).astype(np.float32)
+                writer.write_block(by, bx, block, preview_minus=tiling)
         local = writer.close()
         outputs = {}
         for kind, path in local.items():

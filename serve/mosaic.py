@@ -124,8 +124,9 @@ class MosaicWriter:
 
     # ---- blocks ------------------------------------------------------------------------------------------
 
-    def write_block(self, by: int, bx: int, block: np.ndarray) -> None:
-        """block (bh, bw, D) float32, NaN nodata, placed at token row `by`, column `bx`."""
+    def write_block(self, by: int, bx: int, block: np.ndarray, preview_minus: np.ndarray | None = None) -> None:
+        """block (bh, bw, D) float32, NaN nodata, placed at token row `by`, column `bx`. preview_minus (bh, bw, D):
+        subtracted from the block in the preview only (the job's tiling component, serve/embed_area.py)."""
         from rasterio.windows import Window
 
         bh, bw, _ = block.shape
@@ -136,7 +137,7 @@ class MosaicWriter:
         if self.zarr is not None:
             self.zarr[:, by : by + bh, bx : bx + bw] = chw
         if self.want_preview and self.pca is not None:
-            self._preview_block(by, bx, block)
+            self._preview_block(by, bx, block if preview_minus is None else block - preview_minus)
 
     def close(self) -> dict[str, str]:
         out = {}

@@ -23,7 +23,7 @@ class Features:
     def split(self, name: str) -> np.ndarray:
         return np.flatnonzero(self.splits == name)
 
-    def without_empty(self) -> tuple["Features", list[str]]:
+    def without_empty(self) -> tuple[Features, list[str]]:
         """The chips that carry data, and the ids of those that do not (an all-nodata chip has no features
         to speak of: every encoder token is MISSING; it is reported, not scored)."""
         if self.empty is None or not self.empty.any():

@@ -45,9 +45,9 @@ def load_probe_set(reader, max_chips: int = 0, seed: int = 0) -> ProbeSet:
         rows = [rows[i] for i in keep]
     loaded = [reader.load(r) for r in rows]
     has_data = [any(np.isfinite(v).any() for v in x.values()) for x, _, _ in loaded]
-    excluded = [r["id"] for r, ok in zip(rows, has_data) if not ok]
-    rows = [r for r, ok in zip(rows, has_data) if ok]
-    loaded = [c for c, ok in zip(loaded, has_data) if ok]
+    excluded = [r["id"] for r, ok in zip(rows, has_data, strict=True) if not ok]
+    rows = [r for r, ok in zip(rows, has_data, strict=True) if ok]
+    loaded = [c for c, ok in zip(loaded, has_data, strict=True) if ok]
     return ProbeSet(reader.info(), [(x, m) for x, m, _ in loaded], np.stack([np.asarray(l) for _, _, l in loaded]),
                     np.array([r["split"] for r in rows]), [r["id"] for r in rows], excluded)
 
