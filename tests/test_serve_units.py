@@ -209,3 +209,34 @@ def test_serve_app_options_autoscaling_gpu_and_batching():
     d = app_builder(args)._bound_deployment
     assert d._deployment_config.max_ongoing_requests >= args["max_batch_size"]
     assert "num_gpus" not in d.ray_actor_options  # num_gpus: 0 -> CPU replicas
+
+
+def test_preview_leaves_out_the_tiling_component(tmp_path):
+    """A position signal repeating every tile must not paint the preview; the land signal must."""
+    from serve.mosaic import MosaicWriter
+    from serve.tiling import Grid
+
+    rng = np.random.default_rng(0)
+    size, n, dim = 8, 4, 16  # tiles of 8 x 8 tokens, a 4 x 4 lattice of them, 16-dim embeddings
+    position = rng.normal(0, 3.0, (size, size, dim)).astype(np.float32)  # strong, same in every tile
+    land = np.zeros((size * n, size * n, dim), np.float32)
+    land[:, size * n // 2 :, 0] = 1.0  # the east half differs from the west half in one direction
+    tiled = np.tile(position, (n, n, 1))
+    mosaic = tiled + land
+    tiles = [mosaic[r : r + size, c : c + size] for r in range(0, size * n, size) for c in range(0, size * n, size)]
+
+    def preview(detile: bool) -> np.ndarray:
+        w = MosaicWriter(str(tmp_path), Grid("EPSG:32618", 0.0, 0.0, size * n * 4, size * n * 4), 4, dim, [],
+                         None, True)  # fmt: skip
+        w.fit_pca([t - position for t in tiles] if detile else tiles)
+        w.write_block(0, 0, mosaic, preview_minus=tiled if detile else None)
+        return w.preview[..., :3].astype(float)
+
+    west, east = slice(0, size * n // 2), slice(size * n // 2, None)
+    for img, lattice in ((preview(True), False), (preview(False), True)):
+        spread = max(img[:, west].std(axis=(0, 1)).max(), img[:, east].std(axis=(0, 1)).max())
+        contrast = np.abs(img[:, west].mean(axis=(0, 1)) - img[:, east].mean(axis=(0, 1))).max()
+        if lattice:  # plain PCA: the tile lattice dominates each half
+            assert spread > 20
+        else:  # de-tiled: each half is flat, the halves differ
+            assert spread < 2 and contrast > 100
