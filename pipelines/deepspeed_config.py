@@ -103,7 +103,14 @@ def deepspeed_config(
     }
     if fused:
         adamw["fused"] = True
-    zero: dict = {"stage": zero_stage, "contiguous_gradients": True, "overlap_comm": use_gpu}
+    # ZeRO 1/2 on CPU: no contiguous gradient buffer. With it, each parameter's backward hook copies its
+    # gradient into a bucket and the epilogue copies it again into the partition buffer; without it the
+    # gradients are flattened once at the reduction (ZeRO-1 then needs no per-parameter hooks at all).
+    # Measured (1 worker, nano, ZeRO-2): DeepSpeed's hooks, epilogue and step took ~59 instead of ~90 ms of
+    # thread time per step. The buffer only avoids memory fragmentation, which matters on GPU (kept there);
+    # it is not in the checkpoints. ZeRO-3 has its own gradient path: unchanged.
+    contiguous = use_gpu or zero_stage == 3
+    zero: dict = {"stage": zero_stage, "contiguous_gradients": contiguous, "overlap_comm": use_gpu}
     if zero_stage == 3:
         # consolidated 16-bit weights on save, so an inference copy can be written without zero_to_fp32
         zero["stage3_gather_16bit_weights_on_model_save"] = True

@@ -47,7 +47,8 @@ class LocalHead:
 
     def __init__(self, tmp_dir: str):
         self.tmp_dir = tmp_dir
-        self.port, self.dashboard_port = free_port(), free_port()
+        # every port its own: a default one (the dashboard agent's 52365) may be taken by another Ray cluster
+        self.port, self.dashboard_port, self.agent_port = free_port(), free_port(), free_port()
         self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
         self.env["PATH"] = BIN + os.pathsep + self.env["PATH"]
 
@@ -59,6 +60,7 @@ class LocalHead:
         cmd = [
             os.path.join(BIN, "ray"), "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
             "--num-cpus=4", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+            f"--dashboard-agent-listen-port={self.agent_port}",
             f"--temp-dir={self.tmp_dir}", "--block",
         ]  # fmt: skip
         self.log = open(os.path.join(self.tmp_dir, "head.log"), "wb")
