@@ -42,6 +42,7 @@ class DemoConfig:
 def _apply_fast(cfg: DemoConfig) -> DemoConfig:
     if cfg.fast:
         cfg.raw_samples, cfg.labelled_samples, cfg.pretrain_steps, cfg.area_cells = 8, 16, 20, 2
+        cfg.area_time = ["2021-06-01", "2021-06-30"]  # one month: a third of the tokens per tile
     return cfg
 
 
@@ -109,7 +110,7 @@ def run(cfg: DemoConfig) -> dict:
                            "--data.shards_uri", shards, "--run.storage_path", f"{s3}/runs",
                            "--run.name", "demo-nano", "--train.max_steps", str(cfg.pretrain_steps),
                            "--optim.warmup_steps", str(max(1, cfg.pretrain_steps // 10)),
-                           "--train.probe_every", str(max(5, cfg.pretrain_steps // 6)), "--train.probe_uri", labelled,
+                           "--train.probe_every", str(max(10, cfg.pretrain_steps // 6)), "--train.probe_uri", labelled,
                            "--run.resume", "false"])  # fmt: skip
             run_uri = f"{s3}/runs/demo-nano"
 
