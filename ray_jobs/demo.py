@@ -110,7 +110,7 @@ def run(cfg: DemoConfig) -> dict:
                            "--data.shards_uri", shards, "--run.storage_path", f"{s3}/runs",
                            "--run.name", "demo-nano", "--train.max_steps", str(cfg.pretrain_steps),
                            "--optim.warmup_steps", str(max(1, cfg.pretrain_steps // 10)),
-                           "--train.probe_every", str(max(10, cfg.pretrain_steps // 6)), "--train.probe_uri", labelled,
+                           "--train.probe_every", str(0 if cfg.fast else max(10, cfg.pretrain_steps // 6)), "--train.probe_uri", labelled,
                            "--run.resume", "false"])  # fmt: skip
             run_uri = f"{s3}/runs/demo-nano"
 
