@@ -34,6 +34,11 @@ class Features:
                         {k: v[keep] for k, v in self.features.items()}, self.empty[keep]), dropped
 
 
+def has_valid_pixel(x: dict[str, np.ndarray]) -> bool:
+    """Whether a chip {modality: (H, W, T, C)} has any finite pixel (else every encoder token is MISSING)."""
+    return any(np.isfinite(v).any() for v in x.values())
+
+
 def _stack(arrays: list[np.ndarray], where: str) -> np.ndarray:
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
@@ -73,7 +78,7 @@ class Embedder:
                 for j, i in enumerate(idx):
                     feats[name][i] = f[j]
         out = {"i": np.asarray(batch["i"]), "label": _stack([l for _, _, l in loaded], "labels"),
-               "empty": np.array([not any(np.isfinite(v).any() for v in x.values()) for x, _, _ in loaded])}
+               "empty": np.array([not has_valid_pixel(x) for x, _, _ in loaded])}
         for name, fl in feats.items():
             out[f"feat::{name}"] = _stack(fl, f"features of {name}")
         return out

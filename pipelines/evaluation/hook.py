@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipelines.evaluation.extract import Features, embed_in_process
+from pipelines.evaluation.extract import Features, embed_in_process, has_valid_pixel
 from pipelines.evaluation.score import score_task
 from pipelines.evaluation.task import TaskInfo
 
@@ -44,7 +44,7 @@ def load_probe_set(reader, max_chips: int = 0, seed: int = 0) -> ProbeSet:
         keep = np.sort(np.random.default_rng(seed).choice(len(rows), size=max_chips, replace=False))
         rows = [rows[i] for i in keep]
     loaded = [reader.load(r) for r in rows]
-    has_data = [any(np.isfinite(v).any() for v in x.values()) for x, _, _ in loaded]
+    has_data = [has_valid_pixel(x) for x, _, _ in loaded]
     excluded = [r["id"] for r, ok in zip(rows, has_data, strict=True) if not ok]
     rows = [r for r, ok in zip(rows, has_data, strict=True) if ok]
     loaded = [c for c, ok in zip(loaded, has_data, strict=True) if ok]
