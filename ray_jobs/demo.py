@@ -78,6 +78,7 @@ def run(cfg: DemoConfig) -> dict:
 
     out = os.path.abspath(cfg.out)
     os.makedirs(out, exist_ok=True)
+    _clear_previous_results(out)
     s3 = f"s3://{cfg.bucket}"
     raw, labelled, shards = f"{s3}/raw", f"{s3}/labelled", f"{s3}/shards"
     encoder_uri = f"{s3}/models/nano-demo.safetensors"
@@ -143,6 +144,21 @@ def run(cfg: DemoConfig) -> dict:
     with open(os.path.join(out, "demo_results.json"), "w") as fh:
         json.dump({"results": results, "step_seconds": step.times}, fh, indent=2)
     return results
+
+
+# what one demo run writes under --out; a new run starts from a new bucket, so old results are stale
+RESULT_ENTRIES = ("area", "eval", "run", "demo_results.json")
+
+
+def _clear_previous_results(out: str) -> None:
+    """Removes the results of an earlier demo in the same --out folder (the area job refuses to mix tiles of
+    different jobs, and stale files next to fresh ones would mislead)."""
+    stale = [name for name in RESULT_ENTRIES if os.path.exists(os.path.join(out, name))]
+    if stale:
+        print(f"removing the previous demo's results in {out}: {', '.join(stale)}", flush=True)
+    for name in stale:
+        path = os.path.join(out, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def _serve_and_embed(cfg: DemoConfig, labelled: str, encoder_uri: str, out: str, storage) -> dict:
