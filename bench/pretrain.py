@@ -2,14 +2,21 @@
 
 1. this job (`pipelines.train.fit`: Ray Train + DeepSpeed ZeRO-2, the Ray Data stream), 1 worker
    -> tokens/s per worker;
-2. a plain single-process PyTorch loop over the same model, the same batches (the epoch the job trained,
-   read into memory first, in the job's order), the same AdamW groups, schedule and clipping -> tokens/s;
-   it runs before, between and after the jobs and the mean of the three counts (the machine may be shared);
-   a second figure pairs each logging interval of the job with the same steps of the plain loops (median
-   of the three) and takes the median ratio over intervals, which bursts of other load move less;
-3. this job with 2 workers, global batch 2 x 4, over the same epoch (half the steps) -> tokens/s in total;
-4. two plain loops at once in two processes, each over every other batch: the most 2 workers could get
-   on this machine without any framework, stream or communication (what bounds the scaling).
+2. a plain single-process PyTorch loop over the same model, the same batches in the same order, the same
+   AdamW groups, schedule and clipping, fed by a torch DataLoader (1 worker process) that runs the same
+   batch-making code as the stream (`pipelines.stream.window_batches`: read, crop, mask, normalise,
+   collate) -> tokens/s. This is the target's baseline: what the job adds over plain PyTorch is Ray Train,
+   DeepSpeed and Ray Data, not the batch-making work, which any loop has to do somewhere. On a 2-core machine
+   that work, on the other core, slows the training thread by 6-8 % (shared core resources), in both loops;
+3. the same plain loop over the batches read into memory beforehand (no data work at all while training):
+   the upper bound, reported beside it;
+   both plain loops run before, between and after the jobs and the mean of the three counts is taken (the
+   machine may be shared); a second figure pairs each logging interval of the job with the same steps of
+   the DataLoader loops (median of the three) and takes the median ratio over intervals, which bursts of
+   other load move less;
+4. this job with 2 workers, global batch 2 x 4, over the same epoch (half the steps) -> tokens/s in total;
+5. two in-memory plain loops at once in two processes, each over every other batch: the most 2 workers could
+   get on this machine without any framework, stream or communication (what bounds the scaling).
 
 Every training process uses one torch thread, so "per worker" compares like with like. Steady state: the
 first logging interval (start-up: worker group, DeepSpeed, the stream's first batches) is left out of
@@ -33,6 +40,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402 - after the environment above
 
 MICRO_BATCH = 4  # samples per worker per step
 
@@ -66,10 +75,51 @@ def run_job(cfg, storage) -> dict:
     }
 
 
-def plain_loop(cfg, batches: list[dict], interval: int, start_at: float = 0.0) -> list[tuple[int, float]]:
+class StreamWindows(torch.utils.data.IterableDataset):
+    """The epoch's batches for a torch DataLoader: each window of the epoch plan through the stream's own
+    `window_batches`, in the job's order; yields the pickled batches, as the Ray Data stream's rows hold them
+    (the loop unpickles and converts them as the job does)."""
+
+    def __init__(self, data_cfg, storage, epoch: int = 0):
+        import functools
+        from dataclasses import asdict
+
+        from pipelines.stream import epoch_plan, load_norm_stats, window_batches
+
+        super().__init__()
+        self.items = [dict(w, epoch=epoch, skip=0, subs=json.dumps(w["subs"]))
+                      for w in epoch_plan(data_cfg, storage, epoch)]  # fmt: skip
+        norm = load_norm_stats(data_cfg.shards_uri, storage)
+        self.fn = functools.partial(window_batches, cfg_json=json.dumps(asdict(data_cfg)),
+                                    norm_json=json.dumps(norm.to_dict()), endpoint=storage.endpoint)  # fmt: skip
+
+    def __iter__(self):
+        torch.set_num_threads(1)
+        for item in self.items:
+            for row in self.fn(item):
+                yield row["batch"]
+
+
+def dataloader_batches(windows: StreamWindows, steps: int):
+    """layout.py batches from a DataLoader with one worker process running the stream's batch-making code
+    (spawned: this process runs Ray, which must not be forked)."""
+    import pickle
+
+    from pipelines.stream import to_torch
+
+    loader = torch.utils.data.DataLoader(windows, batch_size=None, num_workers=1, prefetch_factor=4,
+                                         multiprocessing_context="spawn")  # fmt: skip
+    for i, raw in enumerate(loader):
+        if i == steps:
+            break
+        yield to_torch(pickle.loads(raw))
+
+
+def plain_loop(cfg, batches, interval: int, start_at: float = 0.0) -> list[tuple[int, float]]:
     """A single-process loop over the same model, batches and optimiser: (tokens, seconds) of each interval
-    of `interval` steps, the first (warm-up) interval left out as in the job's figures. start_at: wall-clock
-    time to start stepping at (so that concurrent copies overlap)."""
+    of `interval` steps, the first (warm-up) interval left out as in the job's figures. batches: a list in
+    memory or a generator (the DataLoader). start_at: wall-clock time to start stepping at (so that
+    concurrent copies overlap)."""
     import torch
 
     from olmoearth import build_model
@@ -172,32 +222,42 @@ def main() -> None:
                 break
         read_s = time.perf_counter() - started
 
-        # the plain loop runs before, between and after the jobs: the machine may be shared
-        plain_runs = [plain_loop(cfg1, batches, args.log_every)]
+        windows = StreamWindows(cfg1.data, storage)
+
+        def plain_pair() -> None:  # the DataLoader loop and the in-memory loop, one after the other
+            loader_runs.append(plain_loop(cfg1, dataloader_batches(windows, args.steps), args.log_every))
+            memory_runs.append(plain_loop(cfg1, batches, args.log_every))
+
+        # the plain loops run before, between and after the jobs: the machine may be shared
+        loader_runs, memory_runs = [], []
+        plain_pair()
         job1 = run_job(cfg1, storage)
-        plain_runs.append(plain_loop(cfg1, batches, args.log_every))
+        plain_pair()
         cfg2 = from_dict(PretrainConfig, base)
         cfg2.train.max_steps = args.steps // 2
         cfg2.train.global_batch_size = 2 * MICRO_BATCH
         cfg2.scaling.num_workers = 2
         cfg2.run.name = "w2"
         job2 = run_job(cfg2, storage)
-        plain_runs.append(plain_loop(cfg1, batches, args.log_every))
+        plain_pair()
         plain2 = plain_loops_in_parallel(cfg1, batches, args.log_every)
     finally:
         ray.shutdown()
-    plain_rates = [rate(run) for run in plain_runs]
-    plain = float(np.mean(plain_rates))
+    loader_rates = [rate(run) for run in loader_runs]
+    memory_rates = [rate(run) for run in memory_runs]
+    plain, plain_memory = float(np.mean(loader_rates)), float(np.mean(memory_rates))
     # paired by interval (the 1-worker job and the plain loop train the same batches in each interval):
-    # job rate / the plain loops' median rate, median over intervals; robust to bursts of other load
-    paired = [job / np.median([run[i][0] / run[i][1] for run in plain_runs])
+    # job rate / the DataLoader loops' median rate, median over intervals; robust to bursts of other load
+    paired = [job / np.median([run[i][0] / run[i][1] for run in loader_runs])
               for i, job in enumerate(job1["interval_rates"])]  # fmt: skip
 
     print(f"cpu_cores: {os.cpu_count()} cores")
     print(f"load_average_1min: {load_at_start:.2f} processes at start, {os.getloadavg()[0]:.2f} at the end")
     print(f"stream_read_in_driver: {read_s / args.steps * 1000:.1f} ms/batch (Ray Data start-up included)")
-    runs = ", ".join(f"{r:.1f}" for r in plain_rates)
-    print(f"plain_pytorch_tokens_per_s: {plain:.1f} tokens/s (mean of 3 runs: {runs})")
+    runs = ", ".join(f"{r:.1f}" for r in loader_rates)
+    print(f"plain_pytorch_tokens_per_s: {plain:.1f} tokens/s (DataLoader, mean of 3 runs: {runs})")
+    runs = ", ".join(f"{r:.1f}" for r in memory_rates)
+    print(f"plain_pytorch_in_memory_tokens_per_s: {plain_memory:.1f} tokens/s (batches in memory, mean of 3 runs: {runs})")
     for name, job in (("job_1worker", job1), ("job_2workers", job2)):
         print(f"{name}_tokens_per_s: {job['tokens_per_s']:.1f} tokens/s")
         print(f"{name}_tokens_per_s_per_worker: {job['tokens_per_s_per_worker']:.1f} tokens/s")
@@ -209,10 +269,12 @@ def main() -> None:
     print(f"plain_pytorch_2_processes_tokens_per_s: {plain2:.1f} tokens/s (two independent loops at once)")
     print(f"ratio job_vs_plain_per_worker: {job1['tokens_per_s_per_worker'] / plain:.3f}")
     print(f"ratio job_vs_plain_per_worker_paired_median: {np.median(paired):.3f}")
+    print(f"ratio job_vs_plain_in_memory_per_worker: {job1['tokens_per_s_per_worker'] / plain_memory:.3f}")
+    print(f"ratio plain_dataloader_vs_plain_in_memory: {plain / plain_memory:.3f}")
     print(f"ratio scaling_efficiency_2_workers: {job2['tokens_per_s'] / (2 * job1['tokens_per_s']):.3f}")
     # the same ratio for independent processes: the bound this machine (cores, memory bandwidth, other
     # tenants) sets on 2 workers, with no framework, data stream or communication at all
-    print(f"ratio machine_scaling_2_processes: {plain2 / (2 * plain):.3f}")
+    print(f"ratio machine_scaling_2_processes: {plain2 / (2 * plain_memory):.3f}")
     print(f"ratio job_2workers_vs_2_plain_processes: {job2['tokens_per_s'] / plain2:.3f}")
 
 
