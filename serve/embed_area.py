@@ -7,7 +7,8 @@
               finished tile, then the .json of the same name with every tile's status
               -> resumable per tile: a rerun skips tiles some .json says are "ok"; a failing tile is recorded
               and reported
-    assemble: tiles blended (linear ramps over the overlaps) block by block into
+    assemble: in the driver while the workers encode (serve/assemble.py): tiles blended (linear ramps over the
+              overlaps) in bands of `block_tokens` token rows, each as soon as all its tiles are done, into
               out/embeddings.tif  Cloud-Optimized GeoTIFF, one band per dimension (float32, or int8 with
                                   `scale` in the metadata: value = q * scale, -128 nodata)
               out/embeddings.zarr zarr v3 (band, y, x) with x / y coordinates and CF `spatial_ref` (xarray /
@@ -27,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pipelines.storage import Storage, is_s3, join
-from serve.tiling import Grid, Tile, make_tiles, signature, tile_weights
+from serve.assemble import TILE_DIR
+from serve.tiling import Grid, Tile, make_tiles, signature
 
 
 @dataclass
@@ -63,13 +65,12 @@ class EmbedAreaConfig:
     formats: list[str] = field(default_factory=lambda: ["cog", "zarr"])
     int8: bool = False
     preview: bool = True
-    preview_detile: bool = True  # the PNG leaves out the tiling's position component (see assemble below)
-    block_tokens: int = 256  # output block (tokens per side) assembled at a time
+    preview_detile: bool = True  # the PNG leaves out the tiling's position component (serve/assemble.py)
+    block_tokens: int = 64  # output block (tokens per side): GeoTIFF / zarr blocks; the mosaic is written in bands of it
     s3_endpoint: str | None = None
     fail_tiles: list[str] = field(default_factory=list)  # tile ids made to fail (tests of the failure path)
 
 
-TILE_DIR = "tiles"
 
 
 def check_config(cfg: EmbedAreaConfig) -> None:
@@ -90,6 +91,8 @@ def check_config(cfg: EmbedAreaConfig) -> None:
         raise ValueError(f"formats: choose from cog, zarr; got {cfg.formats}")
     if not 1 <= cfg.patch_size <= 8:
         raise ValueError(f"patch_size: 1..8, got {cfg.patch_size}")
+    if cfg.block_tokens < 16 or cfg.block_tokens % 16:
+        raise ValueError(f"block_tokens: a multiple of 16 (the GeoTIFF's and zarr's block), got {cfg.block_tokens}")
 
 
 def make_source(cfg: EmbedAreaConfig, storage: Storage, grid: Grid | None = None, spec: dict | None = None):
@@ -127,11 +130,13 @@ class TileWorker:
     """Reads, embeds and writes tiles; one instance per actor of the pool.
 
     One call gets a few encoder batches of tiles and pipelines them: a reader thread reads batch k+1 and a
-    writer thread writes batch k-1 while the encoder runs on batch k, so the encoder waits only for the first
-    read and the last write of a call. The call returns once every write of its tiles is done, so a tile
-    reported "ok" is on storage."""
+    writer thread writes batch k-1 while the encoder runs on batch k. Two calls run at once in an actor
+    (run_tiles), taking turns on the encoder (a lock): the next call's first reads and the last call's
+    writes happen while the other call encodes, so the encoder does not wait at call boundaries. A call
+    returns once every write of its tiles is done, so a tile reported "ok" is on storage."""
 
     def __init__(self, cfg: dict, grid: dict, source_spec: dict):
+        import threading
         from concurrent.futures import ThreadPoolExecutor
 
         from olmoearth.config import from_dict
@@ -144,6 +149,7 @@ class TileWorker:
         # one thread each: GDAL handles stay on the reader thread, writes stay in order
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="tile-read")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="tile-write")
+        self.encoder_lock = threading.Lock()  # one forward at a time: calls overlap only in I/O
         self.embedder = self.session = None
         if self.cfg.engine == "ray_data":
             from serve.model import Embedder
@@ -217,20 +223,21 @@ class TileWorker:
                 else:
                     ok.append((i, x))
             results = {}
-            t0 = time.time()
-            if ok:
-                try:
-                    emb = self.embed([x for _, x in ok], self.source.months)
-                    for (i, _), e in zip(ok, emb, strict=True):
-                        e = e.astype(np.float32, copy=False)
-                        finite = np.isfinite(e)
-                        max_abs[i] = float(np.abs(e[finite]).max()) if finite.any() else 0.0
-                        valid[i] = float(finite.all(-1).mean())
-                        results[i - ch[0]] = (e, max_abs[i], valid[i])
-                except Exception as e:  # noqa: BLE001
-                    for i, _ in ok:
-                        status[i], errors[i] = "failed", f"embed: {type(e).__name__}: {e}"
-            t_embed += time.time() - t0
+            with self.encoder_lock:  # the other call of this actor reads or writes meanwhile
+                t0 = time.time()
+                if ok:
+                    try:
+                        emb = self.embed([x for _, x in ok], self.source.months)
+                        for (i, _), e in zip(ok, emb, strict=True):
+                            e = e.astype(np.float32, copy=False)
+                            finite = np.isfinite(e)
+                            max_abs[i] = float(np.abs(e[finite]).max()) if finite.any() else 0.0
+                            valid[i] = float(finite.all(-1).mean())
+                            results[i - ch[0]] = (e, max_abs[i], valid[i])
+                    except Exception as e:  # noqa: BLE001
+                        for i, _ in ok:
+                            status[i], errors[i] = "failed", f"embed: {type(e).__name__}: {e}"
+                t_embed += time.time() - t0
             writes.append((ch, self.writer.submit(self.write, [tiles[i] for i in ch], [status[i] for i in ch],
                                                   [errors[i] for i in ch], results)))  # fmt: skip
         t0 = time.time()
@@ -351,7 +358,11 @@ def run_tiles(cfg: EmbedAreaConfig, grid: Grid, source_spec: dict, todo: list[Ti
         resources["num_gpus"] = cfg.num_gpus_per_actor
     ds = ds.map_batches(TileWorker, fn_constructor_kwargs={"cfg": asdict(cfg), "grid": asdict(grid),
                                                            "source_spec": source_spec},
-                        compute=ActorPoolStrategy(size=cfg.num_actors), batch_size=per_call,
+                        # two calls in flight per actor, run concurrently (TileWorker: they share the encoder)
+                        compute=ActorPoolStrategy(size=cfg.num_actors, max_tasks_in_flight_per_actor=2,
+                                                  max_concurrent_calls_per_actor=2,
+                                                  enable_true_multi_threading=True),
+                        batch_size=per_call,
                         batch_format="numpy", **resources)  # fmt: skip
     rows = []
     for row in ds.iter_rows():
@@ -363,7 +374,12 @@ def run_tiles(cfg: EmbedAreaConfig, grid: Grid, source_spec: dict, todo: list[Ti
 
 def embed_area(cfg: EmbedAreaConfig) -> dict:
     """Run the whole job; returns the report (also written to out/report.json)."""
+    import shutil
+    import tempfile
+
     from tqdm import tqdm
+
+    from serve.assemble import StreamingMosaic
 
     check_config(cfg)
     storage = Storage(cfg.s3_endpoint)
@@ -378,23 +394,35 @@ def embed_area(cfg: EmbedAreaConfig) -> dict:
     per_tile_km2 = grid.area_km2 / len(tiles)
     bar = tqdm(total=round(grid.area_km2, 2), unit="km²", desc="embedding", initial=round(skipped * per_tile_km2, 2))
 
-    def on_done(row):
-        bar.update(per_tile_km2)
-        bar.set_postfix_str(f"{row['tile']} {row['status']}")
+    # the mosaic is blended band by band in this driver while the workers encode (serve/assemble.py)
+    workdir = tempfile.mkdtemp(prefix="olmoearth-mosaic-")
+    mosaic = StreamingMosaic(cfg, grid, tiles, storage, workdir)
+    try:
+        for tile_id, st in done.items():  # finished by an earlier run (the others are encoded again now)
+            if st.get("status") == "ok":
+                mosaic.add(tile_id, st)
 
-    t_enc = time.time()
-    t_setup = t_enc - t_start
-    rows = run_tiles(cfg, grid, source.spec(), todo, on_done)
-    bar.close()
-    t_enc = time.time() - t_enc
-    for r in rows:  # this run's results as the workers wrote them (no second listing)
-        if done.get(r["tile"], {}).get("status") != "ok":
-            done[r["tile"]] = {"status": r["status"], "error": r["error"], "max_abs": r["max_abs"], "file": r["file"]}
-    failed = {t.id: done.get(t.id, {"status": "failed", "error": "no result written"}) for t in tiles
-              if done.get(t.id, {}).get("status") != "ok"}  # fmt: skip
-    t_asm = time.time()
-    outputs = assemble(cfg, grid, tiles, done, storage)
-    t_asm = time.time() - t_asm
+        def on_done(row):
+            st = {"status": row["status"], "error": row["error"], "max_abs": row["max_abs"], "file": row["file"]}
+            if done.get(row["tile"], {}).get("status") != "ok":
+                done[row["tile"]] = st
+            mosaic.add(row["tile"], st)
+            bar.update(per_tile_km2)
+            bar.set_postfix_str(f"{row['tile']} {row['status']}")
+
+        t_enc = time.time()
+        t_setup = t_enc - t_start
+        rows = run_tiles(cfg, grid, source.spec(), todo, on_done)
+        bar.close()
+        t_enc = time.time() - t_enc
+        t_streamed = mosaic.seconds
+        failed = {t.id: done.get(t.id, {"status": "failed", "error": "no result written"}) for t in tiles
+                  if done.get(t.id, {}).get("status") != "ok"}  # fmt: skip
+        t_asm = time.time()
+        outputs = mosaic.finish()
+        t_asm = time.time() - t_asm
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     first = min((r["t_start"] for r in rows), default=None)
     report = {
         "grid": asdict(grid), "area_km2": grid.area_km2, "tiles": len(tiles), "encoded": len(rows),
@@ -402,7 +430,9 @@ def embed_area(cfg: EmbedAreaConfig) -> dict:
         "failed": {k: v.get("error", "") for k, v in failed.items() if v.get("status") == "failed"},
         "empty": sorted(k for k, v in failed.items() if v.get("status") == "empty"),
         "outputs": outputs, "engine": cfg.engine,
+        # assemble: after the last tile; assemble_streamed: blending done in the driver during the encode stage
         "seconds": {"total": time.time() - t_start, "setup": t_setup, "encode": t_enc, "assemble": t_asm,
+                    "assemble_streamed": t_streamed,
                     # from the start of the encode stage until a worker began its first call: Ray Data and actor
                     # start-up, actor construction (encoder build) included
                     "startup": (first - (t_start + t_setup)) if first else None,
@@ -426,116 +456,3 @@ def steady_rate(rows: list[dict], per_tile_km2: float, batch: int) -> float | No
     if not later:
         return None
     return len(later) * per_tile_km2 / (later[-1] - ts[0])
-
-
-# --------------------------------------------------------------------------------------------------------
-# assembly
-
-
-def load_tiles(storage: Storage, out: str, tile_ids: list[str], done: dict) -> dict[str, np.ndarray]:
-    """{tile id: embedding} of finished tiles and of the other tiles in the same files (fetched concurrently,
-    one call)."""
-    import io
-
-    files = sorted({done[t]["file"] for t in tile_ids})
-    if not files:
-        return {}
-    got = storage.fs(out).cat([join(out, TILE_DIR, f) for f in files])
-    tiles = {}
-    for data in got.values():
-        with np.load(io.BytesIO(data)) as z:
-            tiles.update({k: z[k] for k in z.files})
-    return tiles
-
-
-def assemble(cfg: EmbedAreaConfig, grid: Grid, tiles: list[Tile], done: dict, storage: Storage) -> dict:
-    """Blend the finished tiles into the mosaic outputs; returns {kind: uri}."""
-    import shutil
-    import tempfile
-
-    from serve.mosaic import MosaicWriter
-
-    p = cfg.patch_size
-    ok = [t for t in tiles if done.get(t.id, {}).get("status") == "ok"]
-    if not ok:
-        raise RuntimeError(f"no tile of {len(tiles)} was embedded; see report.json and "
-                           f"{join(cfg.out, TILE_DIR)}/*.json")  # fmt: skip
-    n_rows, n_cols = max(t.row for t in tiles) + 1, max(t.col for t in tiles) + 1
-    size_t, ov_t = cfg.tile_size // p, cfg.overlap // p
-    ht, wt = grid.height // p, grid.width // p
-    max_abs = max(float(done[t.id].get("max_abs", 0.0)) for t in ok)
-    scale = (max_abs / 127.0) if cfg.int8 and max_abs > 0 else (1.0 if cfg.int8 else None)
-    tmp = tempfile.mkdtemp(prefix="olmoearth-mosaic-")
-    try:
-        sample = load_tiles(storage, cfg.out, [t.id for t in ok[:: max(1, len(ok) // 16)]], done)  # PCA, dim
-        dim = int(next(iter(sample.values())).shape[-1])
-        writer = MosaicWriter(tmp, grid, p, dim, cfg.formats, scale, cfg.preview,
-                              tags={"model": cfg.model_uri, "patch_size": p, "tile_size": cfg.tile_size,
-                                    "overlap": cfg.overlap})  # fmt: skip
-        bt = cfg.block_tokens
-        by_id = {t.id: t for t in ok}
-        # An encoder sees every tile at tile-relative positions: a weakly trained one adds the same position
-        # signal to each tile, and a plain PCA paints the tile lattice instead of the land. With preview_detile
-        # the PNG leaves out that component: the mean embedding at each tile-relative position (over the
-        # sample tiles), blended exactly as the tiles are. The COG and zarr keep the encoder's embeddings.
-        position_mean = None
-        if cfg.preview and cfg.preview_detile:
-            full = [v for v in sample.values() if v.shape[:2] == (size_t, size_t)]
-            if full:
-                position_mean = np.nan_to_num(np.nanmean(np.stack(full), axis=0))  # (size_t, size_t, D)
-        if cfg.preview:
-            writer.fit_pca([v - position_mean if position_mean is not None and v.shape[:2] == (size_t, size_t) else v
-                            for v in sample.values()])  # fmt: skip
-        cache = {k: v for k, v in sample.items() if k in by_id}
-        for by in range(0, ht, bt):
-            for tid in [k for k in cache if by_id[k].y // p + size_t <= by]:  # above this block row: done
-                del cache[tid]
-            # every tile this block row needs, fetched concurrently in one go
-            need = [t.id for t in ok if t.y // p < by + bt and t.y // p + size_t > by and t.id not in cache]
-            cache.update({k: v for k, v in load_tiles(storage, cfg.out, need, done).items()
-                          if k in by_id and k not in cache and by_id[k].y // p + size_t > by})  # fmt: skip
-            for bx in range(0, wt, bt):
-                bh, bw = min(bt, ht - by), min(bt, wt - bx)
-                acc = np.zeros((bh, bw, dim), np.float64)
-                wsum = np.zeros((bh, bw, 1), np.float64)
-                pacc = np.zeros((bh, bw, dim), np.float64) if position_mean is not None else None
-                for t in ok:
-                    ty, tx = t.y // p, t.x // p
-                    y0, y1 = max(by, ty), min(by + bh, ty + size_t, ht)
-                    x0, x1 = max(bx, tx), min(bx + bw, tx + size_t, wt)
-                    if y0 >= y1 or x0 >= x1:
-                        continue
-                    e = cache[t.id][y0 - ty : y1 - ty, x0 - tx : x1 - tx]
-                    w = tile_weights(t, n_cols, n_rows, ov_t, size_t)[y0 - ty : y1 - ty, x0 - tx : x1 - tx, None]
-                    w = np.where(np.isfinite(e).all(-1, keepdims=True), w, 0.0)
-                    acc[y0 - by : y1 - by, x0 - bx : x1 - bx] += w * np.nan_to_num(e)
-                    wsum[y0 - by : y1 - by, x0 - bx : x1 - bx] += w
-                    if pacc is not None:
-                        pacc[y0 - by : y1 - by, x0 - bx : x1 - bx] += w * position_mean[y0 - ty : y1 - ty, x0 - tx : x1 - tx]
-                block = np.where(wsum > 0, acc / np.maximum(wsum, 1e-12), np.nan).astype(np.float32)
-                tiling = None if pacc is None else (pacc / np.maximum(wsum, 1e-12)).astype(np.float32)
-                writer.write_block(by, bx, block, preview_minus=tiling)
-        local = writer.close()
-        outputs = {}
-        for kind, path in local.items():
-            uri = join(cfg.out, os.path.basename(path))
-            if is_s3(cfg.out):
-                fs = storage.fs(uri)
-                if os.path.isdir(path):
-                    if fs.exists(uri):
-                        fs.rm(uri, recursive=True)
-                    fs.put(path.rstrip("/") + "/", uri, recursive=True)
-                else:
-                    fs.put(path, uri)
-            else:
-                os.makedirs(cfg.out, exist_ok=True)
-                if os.path.isdir(path):
-                    shutil.rmtree(uri, ignore_errors=True)
-                    shutil.copytree(path, uri)
-                else:
-                    shutil.copyfile(path, uri)
-            outputs[kind] = uri
-        return outputs
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-

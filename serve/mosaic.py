@@ -1,5 +1,10 @@
 """Write an embedding mosaic block by block: Cloud-Optimized GeoTIFF, zarr (xarray-readable, CF grid mapping)
-and a PCA false-colour PNG preview. Blocks are (h, w, D) float32 at token resolution, NaN = no data."""
+and a PCA false-colour PNG preview. Blocks are (h, w, D) float32 at token resolution, NaN = no data, written
+in any order.
+
+The preview keeps every `stride`-th token of each block (float16, at most PREVIEW_MAX_PX per side and
+PREVIEW_MAX_BYTES in all) and is coloured at close(): its PCA is fitted on a sample of that lattice, i.e. on
+the whole area, not on the blocks that happened to come first."""
 
 from __future__ import annotations
 
@@ -11,12 +16,16 @@ from serve.geo import quantise_int8
 from serve.tiling import Grid
 
 PREVIEW_MAX_PX = 4096
+PREVIEW_MAX_BYTES = 512 * 2**20  # the float16 lattice of D-dim embeddings behind the preview
 
 
 class MosaicWriter:
     def __init__(self, folder: str, grid: Grid, patch_size: int, dim: int, formats: list[str],
-                 int8_scale: float | None, preview: bool, tags: dict | None = None):  # fmt: skip
-        self.folder, self.grid, self.p, self.dim = folder, grid, patch_size, dim
+                 int8_scale: float | None, preview: bool, tags: dict | None = None, block: int = 256):  # fmt: skip
+        """block: the GeoTIFF's and zarr's block side in tokens (a multiple of 16); write whole blocks."""
+        if block % 16:
+            raise ValueError(f"block must be a multiple of 16 tokens, got {block}")
+        self.folder, self.grid, self.p, self.dim, self.block = folder, grid, patch_size, dim, block
         self.h, self.w = grid.height // patch_size, grid.width // patch_size
         self.scale = int8_scale
         self.transform = grid.transform(patch_size)  # token pixels: p x 10 m
@@ -29,11 +38,12 @@ class MosaicWriter:
             self._open_tif()
         if "zarr" in formats:
             self._open_zarr()
-        self.pca = None
         self.want_preview = preview
         self.stride = max(1, -(-max(self.h, self.w) // PREVIEW_MAX_PX))
+        while -(-self.h // self.stride) * -(-self.w // self.stride) * dim * 2 > PREVIEW_MAX_BYTES:
+            self.stride += 1
         if preview:
-            self.preview = np.zeros((-(-self.h // self.stride), -(-self.w // self.stride), 4), np.uint8)
+            self.lattice = np.full((-(-self.h // self.stride), -(-self.w // self.stride), dim), np.nan, np.float16)
 
     # ---- GeoTIFF -> COG ----------------------------------------------------------------------------------
 
@@ -45,7 +55,7 @@ class MosaicWriter:
         dtype, nodata = ("int8", -128) if self.scale is not None else ("float32", float("nan"))
         prof = embedding_profile(_wkt(self.grid.crs), self.transform, self.w, self.h, self.dim, dtype, nodata)
         # a local scratch file, recompressed by the COG copy: the fastest compression that still keeps it small
-        prof.update(tiled=True, blockxsize=256, blockysize=256, compress="zstd", zstd_level=1, BIGTIFF="IF_SAFER",
+        prof.update(tiled=True, blockxsize=self.block, blockysize=self.block, compress="zstd", zstd_level=1, BIGTIFF="IF_SAFER",
                     interleave="pixel")  # fmt: skip
         self._tif_tmp = os.path.join(self.folder, "mosaic_tmp.tif")
         self.tif = rasterio.open(self._tif_tmp, "w", **prof)
@@ -63,7 +73,7 @@ class MosaicWriter:
         path = os.path.join(self.folder, "embeddings.zarr")
         root = zarr.open_group(path, mode="w", zarr_format=3)
         dtype, fill = ("int8", -128) if self.scale is not None else ("float32", float("nan"))
-        arr = root.create_array("embedding", shape=(self.dim, self.h, self.w), chunks=(self.dim, 256, 256),
+        arr = root.create_array("embedding", shape=(self.dim, self.h, self.w), chunks=(self.dim, self.block, self.block),
                                 dtype=dtype, fill_value=fill, dimension_names=["band", "y", "x"])  # fmt: skip
         attrs = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref", "long_name": "OlmoEarth embedding", **{k: str(v) for k, v in self.tags.items()}}
         if self.scale is not None:
@@ -90,43 +100,44 @@ class MosaicWriter:
 
     # ---- preview -----------------------------------------------------------------------------------------
 
-    def fit_pca(self, tiles: list[np.ndarray], n: int = 20000, seed: int = 0) -> None:
-        v = np.concatenate([t.reshape(-1, t.shape[-1]) for t in tiles])
-        v = v[np.isfinite(v).all(1)]
-        if len(v) == 0:
-            return
-        rng = np.random.default_rng(seed)
-        if len(v) > n:
-            v = v[rng.choice(len(v), n, replace=False)]
-        mean = v.mean(0)
-        _, _, vt = np.linalg.svd(v - mean, full_matrices=False)
-        comp = vt[:3]
-        if comp.shape[0] < 3:
-            comp = np.concatenate([comp, np.zeros((3 - comp.shape[0], v.shape[1]))])
-        proj = (v - mean) @ comp.T
-        lo, hi = np.percentile(proj, 2, axis=0), np.percentile(proj, 98, axis=0)
-        self.pca = (mean, comp, lo, np.where(hi > lo, hi, lo + 1))
-
-    def _preview_block(self, by: int, bx: int, block: np.ndarray) -> None:
+    def _keep_for_preview(self, by: int, bx: int, block: np.ndarray) -> None:
         s = self.stride
         oy, ox = (-by) % s, (-bx) % s  # first row / col of this block on the preview lattice
         sub = block[oy::s, ox::s]
-        if sub.size == 0:
-            return
-        mean, comp, lo, hi = self.pca
-        flat = sub.reshape(-1, self.dim)
+        if sub.size:
+            py, px = (by + oy) // s, (bx + ox) // s
+            self.lattice[py : py + sub.shape[0], px : px + sub.shape[1]] = sub
+
+    def preview_rgba(self, n: int = 20000, seed: int = 0) -> np.ndarray | None:
+        """(h, w, 4) uint8: the first 3 principal components of the kept lattice, each stretched between its
+        2nd and 98th percentile; alpha 0 where there is no data. None when no token has data."""
+        flat = self.lattice.reshape(-1, self.dim)
         ok = np.isfinite(flat).all(1)
-        rgb = np.clip(((np.nan_to_num(flat) - mean) @ comp.T - lo) / (hi - lo), 0, 1) * 255
-        rgba = np.concatenate([rgb, np.where(ok, 255, 0)[:, None]], 1).astype(np.uint8)
-        rgba[~ok, :3] = 0
-        py, px = (by + oy) // s, (bx + ox) // s
-        self.preview[py : py + sub.shape[0], px : px + sub.shape[1]] = rgba.reshape(sub.shape[0], sub.shape[1], 4)
+        if not ok.any():
+            return None
+        rows = np.flatnonzero(ok)
+        rng = np.random.default_rng(seed)
+        v = flat[rng.choice(rows, min(n, len(rows)), replace=False)].astype(np.float64)
+        mean = v.mean(0)
+        _, vecs = np.linalg.eigh(np.cov(v - mean, rowvar=False).reshape(self.dim, self.dim))
+        comp = vecs[:, ::-1][:, :3].T  # (k <= 3, D), largest variance first
+        if comp.shape[0] < 3:
+            comp = np.concatenate([comp, np.zeros((3 - comp.shape[0], self.dim))])
+        proj = (v - mean) @ comp.T
+        lo, hi = np.percentile(proj, 2, axis=0), np.percentile(proj, 98, axis=0)
+        hi = np.where(hi > lo, hi, lo + 1)
+        rgba = np.zeros((len(flat), 4), np.uint8)
+        for start in range(0, len(rows), 1 << 16):  # project in chunks: bounded memory
+            r = rows[start : start + (1 << 16)]
+            rgb = np.clip(((flat[r].astype(np.float64) - mean) @ comp.T - lo) / (hi - lo), 0, 1) * 255
+            rgba[r, :3], rgba[r, 3] = rgb.astype(np.uint8), 255
+        return rgba.reshape(*self.lattice.shape[:2], 4)
 
     # ---- blocks ------------------------------------------------------------------------------------------
 
     def write_block(self, by: int, bx: int, block: np.ndarray, preview_minus: np.ndarray | None = None) -> None:
         """block (bh, bw, D) float32, NaN nodata, placed at token row `by`, column `bx`. preview_minus (bh, bw, D):
-        subtracted from the block in the preview only (the job's tiling component, serve/embed_area.py)."""
+        subtracted from the block in the preview only (the job's tiling component, serve/assemble.py)."""
         from rasterio.windows import Window
 
         bh, bw, _ = block.shape
@@ -136,8 +147,8 @@ class MosaicWriter:
             self.tif.write(chw, window=Window(bx, by, bw, bh))
         if self.zarr is not None:
             self.zarr[:, by : by + bh, bx : bx + bw] = chw
-        if self.want_preview and self.pca is not None:
-            self._preview_block(by, bx, block if preview_minus is None else block - preview_minus)
+        if self.want_preview:
+            self._keep_for_preview(by, bx, block if preview_minus is None else block - preview_minus)
 
     def close(self) -> dict[str, str]:
         out = {}
@@ -154,11 +165,12 @@ class MosaicWriter:
 
             zarr.consolidate_metadata(self._zarr_path)
             out["zarr"] = self._zarr_path
-        if self.want_preview and self.pca is not None:
+        rgba = self.preview_rgba() if self.want_preview else None
+        if rgba is not None:
             from PIL import Image
 
             path = os.path.join(self.folder, "preview.png")
-            Image.fromarray(self.preview, "RGBA").save(path)
+            Image.fromarray(rgba, "RGBA").save(path)
             out["preview"] = path
         return out
 

@@ -89,6 +89,7 @@ def test_area_job_covers_blends_matches_encode_and_resumes(area, ray_cluster, s3
     n_tiles = len(starts(grid["width"], 128, 112)) * len(starts(grid["height"], 128, 112))
     assert report["tiles"] == n_tiles and report["encoded"] == n_tiles and report["skipped_finished"] == 0
     assert list(report["failed"]) == ["r0002_c0003"] and "made to fail" in report["failed"]["r0002_c0003"]
+    assert report["seconds"]["assemble_streamed"] > 0  # the top band was blended while tiles were encoded
     storage = area["storage"]
     assert json.loads(storage.read_text(out + "/report.json"))["failed"] == report["failed"]
 

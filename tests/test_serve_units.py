@@ -223,14 +223,15 @@ def test_preview_leaves_out_the_tiling_component(tmp_path):
     land[:, size * n // 2 :, 0] = 1.0  # the east half differs from the west half in one direction
     tiled = np.tile(position, (n, n, 1))
     mosaic = tiled + land
-    tiles = [mosaic[r : r + size, c : c + size] for r in range(0, size * n, size) for c in range(0, size * n, size)]
 
     def preview(detile: bool) -> np.ndarray:
         w = MosaicWriter(str(tmp_path), Grid("EPSG:32618", 0.0, 0.0, size * n * 4, size * n * 4), 4, dim, [],
-                         None, True)  # fmt: skip
-        w.fit_pca([t - position for t in tiles] if detile else tiles)
-        w.write_block(0, 0, mosaic, preview_minus=tiled if detile else None)
-        return w.preview[..., :3].astype(float)
+                         None, True, block=16)  # fmt: skip
+        for by in range(0, size * n, 16):  # blocks in any order: the PCA is fitted at the end
+            for bx in (16, 0):
+                sl = (slice(by, by + 16), slice(bx, bx + 16))
+                w.write_block(by, bx, mosaic[sl], preview_minus=tiled[sl] if detile else None)
+        return w.preview_rgba()[..., :3].astype(float)
 
     west, east = slice(0, size * n // 2), slice(size * n // 2, None)
     for img, lattice in ((preview(True), False), (preview(False), True)):
@@ -240,3 +241,53 @@ def test_preview_leaves_out_the_tiling_component(tmp_path):
             assert spread > 20
         else:  # de-tiled: each half is flat, the halves differ
             assert spread < 2 and contrast > 100
+
+
+def test_streaming_mosaic_writes_each_band_once_its_tiles_are_final_in_any_order(tmp_path):
+    """serve/assemble.py: bands of block_tokens rows go out as soon as every overlapping tile has a final status;
+    the mosaic does not depend on the order results arrive in."""
+    import rasterio
+
+    from pipelines.storage import Storage
+    from serve.assemble import StreamingMosaic
+    from serve.embed_area import EmbedAreaConfig, write_batch_results
+    from serve.tiling import Grid, make_tiles
+
+    # 160 x 160 px at patch 4 = 40 x 40 tokens; tiles of 16 tokens stepping by 12: rows at tokens 0, 12, 24;
+    # bands of 16 rows: band 0 needs tile rows 0-1, band 1 rows 1-2, band 2 row 2
+    grid = Grid("EPSG:32618", 500000.0, 4000000.0, 160, 160)
+    tiles = make_tiles(grid, 64, 16, 4)
+    assert len(tiles) == 9
+    rng = np.random.default_rng(0)
+    emb = {t.id: rng.normal(size=(16, 16, 8)).astype(np.float32) for t in tiles}
+    storage, failed = Storage(), "r0002_c0002"
+    statuses = {}
+    for t in tiles:  # one result file per tile, as the workers write them (one per encoder batch)
+        ok = t.id != failed
+        write_batch_results(storage, str(tmp_path / "out"), t.id, {t.id: emb[t.id]} if ok else {},
+                            {t.id: {"status": "ok" if ok else "failed"}})  # fmt: skip
+        statuses[t.id] = {"status": "ok" if ok else "failed", "file": f"{t.id}.npz", "max_abs": 4.0}
+
+    def run(order, name):
+        cfg = EmbedAreaConfig(bbox=[0, 0, 1, 1], source="unused", out=str(tmp_path / "out"), patch_size=4,
+                              tile_size=64, overlap=16, block_tokens=16, formats=["cog"], preview=True)  # fmt: skip
+        work = tmp_path / name
+        work.mkdir()
+        mosaic, written = StreamingMosaic(cfg, grid, tiles, storage, str(work)), []
+        for t in order:
+            mosaic.add(t.id, statuses[t.id])
+            written.append(sorted(mosaic.written))
+        outputs = mosaic.finish()  # uploaded into out/, read before the next run replaces it
+        with rasterio.open(outputs["cog"]) as src:
+            return np.moveaxis(src.read(), 0, -1), written, outputs
+
+    forward, written, outputs = run(tiles, "forward")
+    assert written[2] == [] and written[5] == [0] and written[8] == [0, 1, 2]  # rows 0-1 done -> band 0 out
+    assert "preview" in outputs
+    backward, written_back, _ = run(tiles[::-1], "backward")
+    assert written_back[2] == [2] and written_back[5] == [1, 2]  # row 2 done: band 2; row 1: band 1
+    np.testing.assert_allclose(forward, backward, atol=1e-6)
+    # a token only one tile reaches is that tile's embedding; the failed tile's own tokens are nodata
+    np.testing.assert_allclose(forward[2, 2], emb["r0000_c0000"][2, 2], atol=1e-6)
+    assert np.isnan(forward[30:40, 30:40]).all()
+    assert np.isfinite(forward[:20, :20]).all()
