@@ -55,8 +55,9 @@ class MosaicWriter:
         dtype, nodata = ("int8", -128) if self.scale is not None else ("float32", float("nan"))
         prof = embedding_profile(_wkt(self.grid.crs), self.transform, self.w, self.h, self.dim, dtype, nodata)
         # a local scratch file, recompressed by the COG copy: the fastest compression that still keeps it small
+        # band-interleaved: the COG copy reads it band by band (from 64-token pixel-interleaved blocks it took 5x longer)
         prof.update(tiled=True, blockxsize=self.block, blockysize=self.block, compress="zstd", zstd_level=1, BIGTIFF="IF_SAFER",
-                    interleave="pixel")  # fmt: skip
+                    interleave="band")  # fmt: skip
         self._tif_tmp = os.path.join(self.folder, "mosaic_tmp.tif")
         self.tif = rasterio.open(self._tif_tmp, "w", **prof)
         self.tif.update_tags(**{k: str(v) for k, v in self.tags.items()})
