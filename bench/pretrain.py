@@ -70,6 +70,7 @@ def run_job(cfg, storage) -> dict:
         "startup_s": rows[0]["time"] - started - rows[0]["step"] * step_s,
         "wall_s": wall,
         "data_wait_frac": sum(r["data_wait_frac"] * r["interval_s"] for r in steady) / seconds,
+        "report_frac": sum(r.get("report_frac", 0.0) * r["interval_s"] for r in steady) / seconds,
         "mfu": sum(r["mfu"] * r["interval_s"] for r in steady) / seconds,
         "interval_rates": [r["tokens_per_s_per_worker"] for r in steady],
     }
@@ -263,6 +264,7 @@ def main() -> None:
         print(f"{name}_tokens_per_s_per_worker: {job['tokens_per_s_per_worker']:.1f} tokens/s")
         print(f"{name}_step_time: {job['step_s'] * 1000:.1f} ms")
         print(f"{name}_data_wait: {job['data_wait_frac'] * 100:.1f} %")
+        print(f"{name}_report_wait: {job['report_frac'] * 100:.1f} % (in ray.train.report)")
         print(f"{name}_mfu: {job['mfu'] * 100:.2f} % (of a measured 1-thread fp32 matmul peak)")
         print(f"{name}_startup: {job['startup_s']:.1f} s")
         print(f"{name}_fit_wall: {job['wall_s']:.1f} s")

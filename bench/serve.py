@@ -90,7 +90,7 @@ def bench_area(args, storage, endpoint: str) -> None:
     print(f"area_km2: {area:.2f} km2")
     print(f"area_tiles: {len(tiles)} tiles")
     for k in ("setup", "startup", "actor_init", "worker_read", "worker_embed", "worker_write",
-              "worker_write_wait", "encode", "assemble", "total"):  # fmt: skip
+              "worker_write_wait", "encode", "assemble_streamed", "assemble", "total"):  # fmt: skip
         print(f"area_job_seconds_{k}: {sec[k]:.2f} s")
     print(f"bare_encoder_seconds: {bare:.2f} s (before the job {bare_before:.2f}, after {bare_after:.2f})")
     print(f"bare_encoder_throughput: {area / bare:.3f} km2/s")

@@ -134,6 +134,7 @@ class RunningMeter:
         self.tokens = 0
         self.flops = 0.0
         self.data_wait = 0.0  # seconds this worker waited for its input stream
+        self.report_wait = 0.0  # seconds in ray.train.report (metrics and checkpoints handed to the driver)
         self.start = time.perf_counter()
 
     def add_losses(self, **values: float) -> None:
@@ -150,6 +151,9 @@ class RunningMeter:
 
     def add_data_wait(self, seconds: float) -> None:
         self.data_wait += seconds
+
+    def add_report_wait(self, seconds: float) -> None:
+        self.report_wait += seconds
 
     def record(self, world_size: int = 1, sum_over_workers=None) -> dict[str, float]:
         """Means of the losses, throughput of all workers and per worker, MFU against one worker's peak,
@@ -171,6 +175,7 @@ class RunningMeter:
         out["tokens_per_s_per_worker"] = tokens / world_size / elapsed
         out["mfu"] = flops / world_size / elapsed / self.peak if self.peak > 0 else float("nan")
         out["data_wait_frac"] = wait / world_size / elapsed
+        out["report_frac"] = self.report_wait / elapsed  # this worker's (rank 0 also saves the history)
         out["interval_s"] = elapsed
         out["time"] = time.time()  # wall clock at the end of the interval
         self.reset()

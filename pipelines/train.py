@@ -463,11 +463,13 @@ def train_loop(config: dict) -> None:
                         row.update(scores)
             if row is not None:
                 state.history.append(row)
+            started = time.perf_counter()
             if state.step % cfg.train.checkpoint_every == 0 or done:
                 state.consumed = already + _gather_consumed(mine)
                 report(True, row)
             elif row is not None:
                 report(False, row)
+            meter.add_report_wait(time.perf_counter() - started)
             if done:
                 break
         if done:
