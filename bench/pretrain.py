@@ -78,21 +78,14 @@ def run_job(cfg, storage) -> dict:
 
 class StreamWindows(torch.utils.data.IterableDataset):
     """The epoch's batches for a torch DataLoader: each window of the epoch plan through the stream's own
-    `window_batches`, in the job's order; yields the pickled batches, as the Ray Data stream's rows hold them
-    (the loop unpickles and converts them as the job does)."""
+    `window_batches` (`pipelines.stream.epoch_windows`), in the job's order; yields the pickled batches, as
+    the Ray Data stream's rows hold them (the loop unpickles and converts them as the job does)."""
 
     def __init__(self, data_cfg, storage, epoch: int = 0):
-        import functools
-        from dataclasses import asdict
-
-        from pipelines.stream import epoch_plan, load_norm_stats, window_batches
+        from pipelines.stream import epoch_windows
 
         super().__init__()
-        self.items = [dict(w, epoch=epoch, skip=0, subs=json.dumps(w["subs"]))
-                      for w in epoch_plan(data_cfg, storage, epoch)]  # fmt: skip
-        norm = load_norm_stats(data_cfg.shards_uri, storage)
-        self.fn = functools.partial(window_batches, cfg_json=json.dumps(asdict(data_cfg)),
-                                    norm_json=json.dumps(norm.to_dict()), endpoint=storage.endpoint)  # fmt: skip
+        self.items, self.fn = epoch_windows(data_cfg, storage, epoch)
 
     def __iter__(self):
         torch.set_num_threads(1)

@@ -36,7 +36,7 @@ import functools
 import json
 import math
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -263,11 +263,11 @@ def window_batches(item: dict, cfg_json: str, norm_json: str, endpoint: str | No
 # Driver side
 
 
-def training_dataset(cfg: StreamConfig, storage: Storage, epoch: int = 0, skip_batches: int = 0):
-    """A Ray Dataset of one epoch, one row per collated batch, in a fixed order for (seed, epoch); the first
-    `skip_batches` batches are left out (resume)."""
-    import ray
-
+def epoch_windows(cfg: StreamConfig, storage: Storage, epoch: int = 0,
+                  skip_batches: int = 0) -> tuple[list[dict], Callable[[dict], list[dict]]]:
+    """The epoch's windows as work items, and the function that turns one item into its batch rows
+    (`window_batches` with the config and the corpus statistics bound); the first `skip_batches` batches are
+    left out (resume). What the Ray Data stream maps over; any other runner can map it the same way."""
     manifest = load_manifest(cfg.shards_uri, storage)
     norm = load_norm_stats(cfg.shards_uri, storage)
     items = []
@@ -280,9 +280,17 @@ def training_dataset(cfg: StreamConfig, storage: Storage, epoch: int = 0, skip_b
         items.append(w)
     if not items:
         raise ValueError(f"epoch {epoch} has no batches after skipping {skip_batches} ({cfg.shards_uri})")
-    norm_json = json.dumps(_norm_dict(norm))
-    fn = functools.partial(window_batches, cfg_json=json.dumps(asdict(cfg)), norm_json=norm_json,
+    fn = functools.partial(window_batches, cfg_json=json.dumps(asdict(cfg)), norm_json=json.dumps(_norm_dict(norm)),
                            endpoint=storage.endpoint)  # fmt: skip
+    return items, fn
+
+
+def training_dataset(cfg: StreamConfig, storage: Storage, epoch: int = 0, skip_batches: int = 0):
+    """A Ray Dataset of one epoch, one row per collated batch, in a fixed order for (seed, epoch); the first
+    `skip_batches` batches are left out (resume)."""
+    import ray
+
+    items, fn = epoch_windows(cfg, storage, epoch, skip_batches)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.flat_map(fn, num_cpus=cfg.num_cpus_per_task)
     ds.context.execution_options.preserve_order = True
