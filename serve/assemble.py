@@ -68,8 +68,9 @@ class StreamingMosaic:
         self.writer = None
         self.detile = bool(cfg.preview and cfg.preview_detile)
         # the preview's tiling component: per tile-relative position, the sum and count of finite embeddings
+        # (a tile enters the cache at most once: it leaves when all its bands are written, and _load skips such
+        # tiles, so none is counted twice)
         self.position_sum = self.position_count = self.position_mean = None
-        self.counted: set[str] = set()
         self.seconds = 0.0  # spent loading, blending and writing
 
     def _bands(self, t: Tile) -> range:
@@ -140,12 +141,11 @@ class StreamingMosaic:
                 continue
             self.cache[tile_id] = emb
             full = emb.shape[:2] == (self.size_t, self.size_t)
-            if self.detile and self.position_mean is None and full and tile_id not in self.counted:
+            if self.detile and self.position_mean is None and full:
                 if self.position_sum is None:
                     self.position_sum, self.position_count = np.zeros(emb.shape), np.zeros(emb.shape)
                 self.position_sum += np.nan_to_num(emb)
                 self.position_count += np.isfinite(emb)
-                self.counted.add(tile_id)
 
     def _write_band(self, b: int) -> None:
         t0 = time.time()

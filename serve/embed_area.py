@@ -71,8 +71,6 @@ class EmbedAreaConfig:
     fail_tiles: list[str] = field(default_factory=list)  # tile ids made to fail (tests of the failure path)
 
 
-
-
 def check_config(cfg: EmbedAreaConfig) -> None:
     if len(cfg.bbox) != 4:
         raise ValueError(f"bbox: expected [minx, miny, maxx, maxy], got {cfg.bbox}")
