@@ -72,8 +72,8 @@ class TrainSection:
     probe_every: int = 0  # steps between in-loop probes of the encoder (0: none)
     probe_uri: str = ""  # a labelled synthetic corpus (olmoearth synth --labelled) scored by the probe
     probe_max_chips: int = 256
-    probe_chip_size: int = 32  # the probe task is configs/eval_synth.yaml's: single-date Sentinel-2 chips,
-    probe_max_timesteps: int = 1  # 8 per tile, split by 2 x 2-cell geographic blocks
+    probe_chip_size: int = 32  # the probe task is pipelines.evaluation.synth_task.EUROSAT_LIKE (that of
+    probe_max_timesteps: int = 1  # configs/eval_synth.yaml) with these two taken from here
 
 
 @dataclass
@@ -488,13 +488,12 @@ def train_loop(config: dict) -> None:
 def load_probe(cfg: PretrainConfig):
     """The in-memory labelled set of the in-loop probe (pipelines/evaluation/hook.py)."""
     from pipelines.evaluation.hook import load_probe_set
-    from pipelines.evaluation.synth_task import SynthTaskReader
+    from pipelines.evaluation.synth_task import EUROSAT_LIKE, SynthTaskReader
 
     if not cfg.train.probe_uri:
         raise ValueError("train.probe_every > 0 needs train.probe_uri (a labelled synthetic corpus)")
-    reader = SynthTaskReader(root=cfg.train.probe_uri, chip_size=cfg.train.probe_chip_size, chips_per_tile=8,
-                             max_timesteps=cfg.train.probe_max_timesteps, split_block=2, fractions=(0.6, 0.0, 0.4),
-                             modalities=("sentinel2_l2a",), s3_endpoint=cfg.run.s3_endpoint)  # fmt: skip
+    task = dict(EUROSAT_LIKE, chip_size=cfg.train.probe_chip_size, max_timesteps=cfg.train.probe_max_timesteps)
+    reader = SynthTaskReader(root=cfg.train.probe_uri, s3_endpoint=cfg.run.s3_endpoint, **task)
     return load_probe_set(reader, max_chips=cfg.train.probe_max_chips, seed=cfg.train.seed)
 
 

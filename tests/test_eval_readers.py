@@ -291,3 +291,19 @@ def test_geobench_pickles_never_run_code():
     obj = _safe_loads(pickle.dumps({"x": Evil()}))
     assert not os.path.exists("/tmp/geobench_pwned")
     assert type(obj["x"]).__name__ == "system"
+
+
+def test_eval_synth_yaml_is_the_task_the_in_loop_probe_scores():
+    """configs/eval_synth.yaml and pretraining's in-loop probe (pipelines/train.py load_probe) share one task
+    definition, EUROSAT_LIKE; the YAML cannot import it, so it is checked here."""
+    import yaml
+
+    from pipelines.evaluation.synth_task import EUROSAT_LIKE
+    from pipelines.train import TrainSection
+
+    dataset = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "configs", "eval_synth.yaml")))["dataset"]
+    for key, value in EUROSAT_LIKE.items():
+        want = list(value) if isinstance(value, tuple) else value  # YAML gives lists
+        assert dataset[key] == want, (key, dataset[key], want)
+    train = TrainSection()
+    assert (train.probe_chip_size, train.probe_max_timesteps) == (EUROSAT_LIKE["chip_size"], EUROSAT_LIKE["max_timesteps"])

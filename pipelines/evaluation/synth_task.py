@@ -21,6 +21,11 @@ from olmoearth.modalities import ENCODER_MODALITIES, TILE_SIZE
 from pipelines.evaluation.task import TaskInfo, assign_splits
 from pipelines.storage import Storage, join
 
+# The EuroSAT-like task of configs/eval_synth.yaml (single-date Sentinel-2 chips of 32 px, 8 per tile, split by
+# 2 x 2-cell blocks); pretraining's in-loop probe scores the same task (pipelines/train.py load_probe).
+EUROSAT_LIKE = {"chip_size": 32, "chips_per_tile": 8, "max_timesteps": 1, "split_block": 2,
+                "fractions": (0.6, 0.0, 0.4), "modalities": ("sentinel2_l2a",)}  # fmt: skip
+
 
 def geo_block(sample_id: str, block: int) -> str:
     """The geographic block of a tile: its UTM zone and grid cell divided by `block`."""
