@@ -114,8 +114,6 @@ def plain_loop(cfg, batches, interval: int, start_at: float = 0.0) -> list[tuple
     of `interval` steps, the first (warm-up) interval left out as in the job's figures. batches: a list in
     memory or a generator (the DataLoader). start_at: wall-clock time to start stepping at (so that
     concurrent copies overlap)."""
-    import torch
-
     from olmoearth import build_model
     from olmoearth.layout import MISSING
     from pipelines.deepspeed_config import lr_factor_fn
@@ -172,7 +170,6 @@ def main() -> None:
 
     import numpy as np
     import ray
-    import torch
 
     from olmoearth.config import from_dict
     from pipelines.build import BuildConfig, build_corpus
