@@ -7,23 +7,30 @@
    batch-making code as the stream (`pipelines.stream.window_batches`: read, crop, mask, normalise,
    collate) -> tokens/s. This is the target's baseline: what the job adds over plain PyTorch is Ray Train,
    DeepSpeed and Ray Data, not the batch-making work, which any loop has to do somewhere. On a 2-core machine
-   that work, on the other core, slows the training thread by 6-8 % (shared core resources), in both loops;
+   that work, on the other core, slows the training thread by 5-12 % (shared core resources), in both loops;
 3. the same plain loop over the batches read into memory beforehand (no data work at all while training):
    the upper bound, reported beside it;
    both plain loops run before, between and after the jobs and the mean of the three counts is taken (the
    machine may be shared); a second figure pairs each logging interval of the job with the same steps of
    the DataLoader loops (median of the three) and takes the median ratio over intervals, which bursts of
    other load move less;
-4. this job with 2 workers, global batch 2 x 4, over the same epoch (half the steps) -> tokens/s in total;
+4. this job with 2 workers, global batch 2 x micro batch, over the same epoch (half the steps) -> tokens/s
+   in total;
 5. two in-memory plain loops at once in two processes, each over every other batch: the most 2 workers could
-   get on this machine without any framework, stream or communication (what bounds the scaling).
+   get on this machine without any framework, stream or communication (what bounds the scaling);
+6. DeepSpeed's own share, without Ray: its engine (the job's DeepSpeed config) and the plain loop in one
+   process, alternating step by step over the in-memory batches.
 
 Every training process uses one torch thread, so "per worker" compares like with like. Steady state: the
 first logging interval (start-up: worker group, DeepSpeed, the stream's first batches) is left out of
-every rate, and the same steps are left out of the plain loop; the start-up time is printed separately.
-The corpus holds one epoch of `--steps` batches, so no epoch restart falls inside the measurement.
+every rate, and the same steps are left out of the plain loop; the start-up is printed separately, split
+into its parts. The corpus holds one epoch of `--steps` batches, so no epoch restart falls inside the
+measurement. DeepSpeed's per-step bookkeeping (gradient hooks, flattening, the global norm) is a fixed
+~15-40 ms on nano's 165 parameter tensors whatever the batch, so the ratio depends on the step's size: the
+default micro batch of 8 samples (~0.45 s steps here) is the CPU config's 4 doubled, still far below the
+original's 32 per GPU; `--micro_batch 4` measures the smaller step.
 
-    DS_ACCELERATOR=cpu python bench/pretrain.py [--steps 50] [--log_every 5] [--size nano]
+    DS_ACCELERATOR=cpu python bench/pretrain.py [--steps 80] [--log_every 5] [--micro_batch 8] [--size nano]
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -42,8 +50,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402 - after the environment above
-
-MICRO_BATCH = 4  # samples per worker per step
 
 
 def run_job(cfg, storage) -> dict:
@@ -73,6 +79,7 @@ def run_job(cfg, storage) -> dict:
         "report_frac": sum(r.get("report_frac", 0.0) * r["interval_s"] for r in steady) / seconds,
         "mfu": sum(r["mfu"] * r["interval_s"] for r in steady) / seconds,
         "interval_rates": [r["tokens_per_s_per_worker"] for r in steady],
+        "startup_parts": {k[len("startup_"):]: v for k, v in rows[0].items() if k.startswith("startup_")},
     }
 
 
@@ -109,16 +116,11 @@ def dataloader_batches(windows: StreamWindows, steps: int):
         yield to_torch(pickle.loads(raw))
 
 
-def plain_loop(cfg, batches, interval: int, start_at: float = 0.0) -> list[tuple[int, float]]:
-    """A single-process loop over the same model, batches and optimiser: (tokens, seconds) of each interval
-    of `interval` steps, the first (warm-up) interval left out as in the job's figures. batches: a list in
-    memory or a generator (the DataLoader). start_at: wall-clock time to start stepping at (so that
-    concurrent copies overlap)."""
+def plain_step_fn(cfg):
+    """One optimiser step of the plain PyTorch loop: the job's model, AdamW groups, schedule and clipping."""
     from olmoearth import build_model
-    from olmoearth.layout import MISSING
     from pipelines.deepspeed_config import lr_factor_fn
 
-    torch.set_num_threads(1)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.size)
     o = cfg.optim
@@ -126,20 +128,98 @@ def plain_loop(cfg, batches, interval: int, start_at: float = 0.0) -> list[tuple
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor_fn(o, cfg.train.max_steps))
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    time.sleep(max(0.0, start_at - time.time()))
-    intervals, tokens, started = [], 0, time.perf_counter()
-    for step, batch in enumerate(batches, start=1):
+
+    def step(batch: dict) -> None:
         out = model(batch)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(trainable, o.grad_clip)
         opt.step()
         sched.step()
-        tokens += sum(int((m != MISSING).sum()) for m in batch["mask_a"].values())
+
+    return step
+
+
+def deepspeed_step_fn(cfg):
+    """One optimiser step of a DeepSpeed engine built as the job's workers build it (same config), in this
+    process, without Ray."""
+    import deepspeed
+
+    from olmoearth import build_model
+    from pipelines.deepspeed_config import deepspeed_config, lr_factor_fn
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model.size)
+    config = deepspeed_config(cfg.optim, cfg.train.zero_stage, cfg.data.batch_size, 1, 1, False, "fp32")
+    schedule = lr_factor_fn(cfg.optim, cfg.train.max_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.param_groups(cfg.optim.weight_decay), config=config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+    )  # fmt: skip
+
+    def step(batch: dict) -> None:
+        out = engine(batch)
+        engine.backward(out["loss"])
+        engine.step()
+
+    return step
+
+
+def batch_tokens(batch: dict) -> int:
+    from olmoearth.layout import MISSING
+
+    return sum(int((m != MISSING).sum()) for m in batch["mask_a"].values())
+
+
+def plain_loop(cfg, batches, interval: int, start_at: float = 0.0) -> list[tuple[int, float]]:
+    """A single-process loop over the same model, batches and optimiser: (tokens, seconds) of each interval
+    of `interval` steps, the first (warm-up) interval left out as in the job's figures. batches: a list in
+    memory or a generator (the DataLoader). start_at: wall-clock time to start stepping at (so that
+    concurrent copies overlap)."""
+    torch.set_num_threads(1)
+    step_fn = plain_step_fn(cfg)
+    time.sleep(max(0.0, start_at - time.time()))
+    intervals, tokens, started = [], 0, time.perf_counter()
+    for step, batch in enumerate(batches, start=1):
+        step_fn(batch)
+        tokens += batch_tokens(batch)
         if step % interval == 0:
             intervals.append((tokens, time.perf_counter() - started))
             tokens, started = 0, time.perf_counter()
     return intervals[1:]
+
+
+def deepspeed_vs_plain(cfg, batches: list[dict], warmup: int) -> tuple[float, float]:
+    """Seconds of the plain step and of the in-process DeepSpeed step over the same batches, the two
+    alternating step by step (so that load on the machine hits both alike), warm-up steps left out. Runs
+    in its own process: DeepSpeed's process group must not live in the bench's driver."""
+    import socket
+
+    import deepspeed
+
+    torch.set_num_threads(1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    deepspeed.init_distributed(dist_backend="gloo")
+    fns = {"plain": plain_step_fn(cfg), "deepspeed": deepspeed_step_fn(cfg)}
+    seconds = {name: 0.0 for name in fns}
+    for i, batch in enumerate(batches):
+        for name, step_fn in fns.items():
+            started = time.perf_counter()
+            step_fn(batch)
+            if i >= warmup:
+                seconds[name] += time.perf_counter() - started
+    return seconds["plain"], seconds["deepspeed"]
+
+
+def in_subprocess(fn, *args):
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def rate(intervals: list[tuple[int, float]]) -> float:
@@ -160,9 +240,11 @@ def plain_loops_in_parallel(cfg, batches: list[dict], interval: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=50, help="steps of the 1-worker run (the 2-worker run: half)")
+    ap.add_argument("--steps", type=int, default=80, help="steps of the 1-worker run (the 2-worker run: half)")
     ap.add_argument("--log_every", type=int, default=5)
     ap.add_argument("--size", default="nano")
+    ap.add_argument("--micro_batch", type=int, default=8, help="samples per worker per step")
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic corpus and runs (a temp folder)")
     ap.add_argument("--shards", default="", help="an already built corpus to use (else one is synthesised)")
     args = ap.parse_args()
     if args.steps % (2 * args.log_every) or args.steps < 4 * args.log_every:
@@ -186,16 +268,16 @@ def main() -> None:
     try:
         shards = args.shards or f"{tmp}/shards"
         if not args.shards:
-            cells = math.ceil(args.steps * MICRO_BATCH / 4)  # 4 training samples per 256 x 256 cell
+            cells = math.ceil(args.steps * args.micro_batch / 4)  # 4 training samples per 256 x 256 cell
             write_corpus(SynthConfig(num_samples=cells, seed=0, timesteps=3), f"{tmp}/raw", storage)
             build_corpus(BuildConfig(raw_uri=f"{tmp}/raw", out_uri=shards, samples_per_shard=4), storage)
         base = {
             "model": {"size": args.size},
-            "data": {"shards_uri": shards, "batch_size": MICRO_BATCH, "min_patch_size": 4,
+            "data": {"shards_uri": shards, "batch_size": args.micro_batch, "min_patch_size": 4,
                      "max_patch_size": 4, "max_tokens_per_side": 4, "token_budget": 400,
                      "local_shuffle_buffer": 64},
             "optim": {"lr": 1e-3, "warmup_steps": 2},
-            "train": {"max_steps": args.steps, "global_batch_size": MICRO_BATCH, "zero_stage": 2,
+            "train": {"max_steps": args.steps, "global_batch_size": args.micro_batch, "zero_stage": 2,
                       "precision": "fp32", "log_every": args.log_every, "checkpoint_every": 10**6,
                       "keep_checkpoints": 1},
             "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1, "threads_per_worker": 1},
@@ -226,14 +308,17 @@ def main() -> None:
         plain_pair()
         cfg2 = from_dict(PretrainConfig, base)
         cfg2.train.max_steps = args.steps // 2
-        cfg2.train.global_batch_size = 2 * MICRO_BATCH
+        cfg2.train.global_batch_size = 2 * args.micro_batch
         cfg2.scaling.num_workers = 2
         cfg2.run.name = "w2"
         job2 = run_job(cfg2, storage)
         plain_pair()
         plain2 = plain_loops_in_parallel(cfg1, batches, args.log_every)
+        ds_plain_s, ds_s = in_subprocess(deepspeed_vs_plain, cfg1, batches, args.log_every)
     finally:
         ray.shutdown()
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
     loader_rates = [rate(run) for run in loader_runs]
     memory_rates = [rate(run) for run in memory_runs]
     plain, plain_memory = float(np.mean(loader_rates)), float(np.mean(memory_rates))
@@ -256,13 +341,18 @@ def main() -> None:
         print(f"{name}_data_wait: {job['data_wait_frac'] * 100:.1f} %")
         print(f"{name}_report_wait: {job['report_frac'] * 100:.1f} % (in ray.train.report)")
         print(f"{name}_mfu: {job['mfu'] * 100:.2f} % (of a measured 1-thread fp32 matmul peak)")
-        print(f"{name}_startup: {job['startup_s']:.1f} s")
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in job["startup_parts"].items())
+        print(f"{name}_startup: {job['startup_s']:.1f} s ({parts})")
         print(f"{name}_fit_wall: {job['wall_s']:.1f} s")
     print(f"plain_pytorch_2_processes_tokens_per_s: {plain2:.1f} tokens/s (two independent loops at once)")
     print(f"ratio job_vs_plain_per_worker: {job1['tokens_per_s_per_worker'] / plain:.3f}")
     print(f"ratio job_vs_plain_per_worker_paired_median: {np.median(paired):.3f}")
     print(f"ratio job_vs_plain_in_memory_per_worker: {job1['tokens_per_s_per_worker'] / plain_memory:.3f}")
     print(f"ratio plain_dataloader_vs_plain_in_memory: {plain / plain_memory:.3f}")
+    # DeepSpeed's own cost, without Ray: its engine and the plain loop in one process, alternating steps
+    print(f"deepspeed_in_process_step_time: {ds_s / (args.steps - args.log_every) * 1000:.1f} ms "
+          f"(plain step {ds_plain_s / (args.steps - args.log_every) * 1000:.1f} ms, same batches, alternating)")
+    print(f"ratio deepspeed_in_process_vs_plain_paired: {ds_plain_s / ds_s:.3f}")
     print(f"ratio scaling_efficiency_2_workers: {job2['tokens_per_s'] / (2 * job1['tokens_per_s']):.3f}")
     # the same ratio for independent processes: the bound this machine (cores, memory bandwidth, other
     # tenants) sets on 2 workers, with no framework, data stream or communication at all

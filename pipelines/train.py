@@ -335,6 +335,7 @@ def train_loop(config: dict) -> None:
     from pipelines.stream import load_norm_stats, num_batches
 
     cfg: PretrainConfig = config["cfg"]
+    entered = time.time()
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = cfg.scaling.use_gpu
@@ -378,6 +379,10 @@ def train_loop(config: dict) -> None:
 
     peak, peak_source = peak_flops(device, precision)
     meter = RunningMeter(peak)
+    # where this attempt's start-up went, logged once in its first metrics row: fit() called -> this loop
+    # entered (worker group, imports), -> engine ready (model, DeepSpeed, checkpoint), -> first batch
+    ready = time.time()
+    startup: dict | None = {"startup_worker_s": entered - config["submitted"], "startup_engine_s": ready - entered}
     loss_sums: dict[str, torch.Tensor] = {}
     last_batch = None
     max_steps = cfg.train.max_steps
@@ -424,6 +429,8 @@ def train_loop(config: dict) -> None:
         for group in grouped(waited(indexed_batches(shard, cfg, device), meter), grad_accum):
             if len(group) < grad_accum:  # an epoch's tail that does not fill a step (counted as dropped)
                 break
+            if startup is not None and "startup_first_batch_s" not in startup:
+                startup["startup_first_batch_s"] = time.time() - ready
             for index, batch in group:
                 out = engine(cast_batch(batch, dtype))
                 engine.backward(out["loss"])
@@ -453,6 +460,9 @@ def train_loop(config: dict) -> None:
                 row.update(step=state.step, epoch=state.epoch, lr=float(engine.get_lr()[0]),
                            grad_norm=_grad_norm(engine), memory_gb=memory_bytes(device) / 2**30,
                            peak_tflops=peak / 1e12)
+                if startup is not None:
+                    row.update(startup)
+                    startup = None
             if probe_set is not None and (state.step % cfg.train.probe_every == 0 or done):
                 # ZeRO-3 gathers parameters collectively: then every rank runs the (identical) probe
                 if rank == 0 or cfg.train.zero_stage == 3:
@@ -642,7 +652,7 @@ def fit(cfg: PretrainConfig):
         resources["GPU"] = cfg.scaling.gpus_per_worker
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg},
+        train_loop_config={"cfg": cfg, "submitted": time.time()},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),

@@ -265,6 +265,11 @@ def test_pretrain_recovers_from_a_worker_failure_and_learns(corpus, trained):
         assert all(np.isfinite(r[key]) for r in rows), key
     assert all(r["mfu"] > 0 and r["tokens_per_s"] > 0 and r["memory_gb"] > 0 for r in rows)
     assert all(0 <= r["data_wait_frac"] <= 1 for r in rows)
+    # each attempt's first row says where its start-up went; the replacement's counts from the first fit()
+    started = [r for r in rows if "startup_worker_s" in r]
+    assert [r["step"] for r in started] == [1, 6]
+    assert all(r[k] >= 0 for r in started for k in ("startup_worker_s", "startup_engine_s", "startup_first_batch_s"))
+    assert started[1]["startup_worker_s"] > started[0]["startup_worker_s"] + started[0]["startup_engine_s"]
     lrs = [r["lr"] for r in rows]
     assert lrs[0] < lrs[2] == pytest.approx(LR) and lrs[-1] == pytest.approx(LR / 10)  # warmup, cosine to 0.1x
     assert storage.read_bytes(run + "/loss_curve.png")[:4] == b"\x89PNG"
