@@ -24,7 +24,8 @@
 Every training process uses one torch thread, so "per worker" compares like with like. Steady state: the
 first logging interval (start-up: worker group, DeepSpeed, the stream's first batches) is left out of
 every rate, and the same steps are left out of the plain loop; the start-up is printed separately, split
-into its parts. The corpus holds one epoch of `--steps` batches, so no epoch restart falls inside the
+into its parts. The cores the whole machine kept busy during each part are printed too (`*_busy_cores`,
+from /proc/stat): a part that used more than its own share ran beside other load. The corpus holds one epoch of `--steps` batches, so no epoch restart falls inside the
 measurement. DeepSpeed's per-step bookkeeping (gradient hooks, flattening, the global norm) is a fixed
 ~15-40 ms on nano's 165 parameter tensors whatever the batch, so the ratio depends on the step's size: the
 default micro batch of 8 samples (~0.45 s steps here) is the CPU config's 4 doubled, still far below the
@@ -52,12 +53,42 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402 - after the environment above
 
 
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine so far, all cores, from /proc/stat (Linux)."""
+    with open("/proc/stat") as fh:
+        ticks = [int(x) for x in fh.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+class BusyCores:
+    """Cores the whole machine kept busy while inside `with` blocks (every process, not only ours): a run
+    that used more than its own share shows other load, which moves any single-run figure."""
+
+    def __init__(self):
+        self.busy = self.total = 0
+
+    def __enter__(self):
+        self.start = cpu_jiffies()
+
+    def __exit__(self, *exc):
+        busy, total = cpu_jiffies()
+        self.busy += busy - self.start[0]
+        self.total += total - self.start[1]
+
+    @property
+    def cores(self) -> float:
+        return self.busy / max(self.total, 1) * (os.cpu_count() or 1)
+
+
 def run_job(cfg, storage) -> dict:
     """Run the job; its steady-state rates from the metrics rows it logged (first interval left out)."""
     from pipelines.train import fit, run_uri
 
+    busy = BusyCores()
     started = time.time()
-    fit(cfg)
+    with busy:
+        fit(cfg)
     wall = time.time() - started
     rows = [json.loads(line) for line in storage.read_text(run_uri(cfg) + "/metrics.jsonl").splitlines()]
     if len(rows) < 2:
@@ -80,6 +111,7 @@ def run_job(cfg, storage) -> dict:
         "mfu": sum(r["mfu"] * r["interval_s"] for r in steady) / seconds,
         "interval_rates": [r["tokens_per_s_per_worker"] for r in steady],
         "startup_parts": {k[len("startup_"):]: v for k, v in rows[0].items() if k.startswith("startup_")},
+        "busy_cores": busy.cores,
     }
 
 
@@ -298,8 +330,12 @@ def main() -> None:
         windows = StreamWindows(cfg1.data, storage)
 
         def plain_pair() -> None:  # the DataLoader loop and the in-memory loop, one after the other
-            loader_runs.append(plain_loop(cfg1, dataloader_batches(windows, args.steps), args.log_every))
-            memory_runs.append(plain_loop(cfg1, batches, args.log_every))
+            with loader_busy:
+                loader_runs.append(plain_loop(cfg1, dataloader_batches(windows, args.steps), args.log_every))
+            with memory_busy:
+                memory_runs.append(plain_loop(cfg1, batches, args.log_every))
+
+        loader_busy, memory_busy = BusyCores(), BusyCores()
 
         # the plain loops run before, between and after the jobs: the machine may be shared
         loader_runs, memory_runs = [], []
@@ -333,6 +369,8 @@ def main() -> None:
     runs = ", ".join(f"{r:.1f}" for r in loader_rates)
     print(f"plain_pytorch_tokens_per_s: {plain:.1f} tokens/s (DataLoader, mean of 3 runs: {runs})")
     runs = ", ".join(f"{r:.1f}" for r in memory_rates)
+    print(f"plain_pytorch_busy_cores: {loader_busy.cores:.2f} cores (DataLoader loops), "
+          f"{memory_busy.cores:.2f} cores (in-memory loops), of {os.cpu_count()}: the whole machine")
     print(f"plain_pytorch_in_memory_tokens_per_s: {plain_memory:.1f} tokens/s (batches in memory, mean of 3 runs: {runs})")
     for name, job in (("job_1worker", job1), ("job_2workers", job2)):
         print(f"{name}_tokens_per_s: {job['tokens_per_s']:.1f} tokens/s")
@@ -344,6 +382,9 @@ def main() -> None:
         parts = ", ".join(f"{k} {v:.1f} s" for k, v in job["startup_parts"].items())
         print(f"{name}_startup: {job['startup_s']:.1f} s ({parts})")
         print(f"{name}_fit_wall: {job['wall_s']:.1f} s")
+        print(f"{name}_busy_cores: {job['busy_cores']:.2f} cores (whole machine, fit() start to end)")
+        rates = job["interval_rates"]
+        print(f"{name}_slowest_interval: {min(rates):.1f} tokens/s per worker (fastest {max(rates):.1f})")
     print(f"plain_pytorch_2_processes_tokens_per_s: {plain2:.1f} tokens/s (two independent loops at once)")
     print(f"ratio job_vs_plain_per_worker: {job1['tokens_per_s_per_worker'] / plain:.3f}")
     print(f"ratio job_vs_plain_per_worker_paired_median: {np.median(paired):.3f}")
