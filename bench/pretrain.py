@@ -229,6 +229,9 @@ def deepspeed_vs_plain(cfg, batches: list[dict], warmup: int) -> tuple[float, fl
 
     import deepspeed
 
+    from pipelines.deepspeed_config import use_own_torch_extensions_dir
+
+    use_own_torch_extensions_dir()  # as the job's workers do: no rebuild of DeepSpeed's op here
     torch.set_num_threads(1)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

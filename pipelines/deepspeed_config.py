@@ -10,7 +10,10 @@ OLMo-core `CosWithWarmup`).
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import sys
 from dataclasses import dataclass
 
 
@@ -61,6 +64,22 @@ def lr_factor_fn(optim: OptimConfig, max_steps: int):
         return lr_factor(step, optim.warmup_steps, max_steps, optim.final_lr_ratio)
 
     return factor
+
+
+def torch_extensions_dir() -> str:
+    """Where DeepSpeed caches the ops it compiles at start-up (on CPU: its shared-memory all-reduce), one
+    folder per Python environment. torch's default (~/.cache/torch_extensions/py311_cpu) is shared by all of
+    a user's environments; the build command names the environment's paths, so a run from another checkout
+    or venv (a clean-clone CI, say) rewrites it and the next run here compiles the op again: 40-100 s of
+    start-up on 2 cores, seen as 94-99 s start-ups in the pretraining bench."""
+    env = hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]
+    return os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions", f"env-{env}")
+
+
+def use_own_torch_extensions_dir() -> None:
+    """Point torch's JIT builds at this environment's own cache (an explicit TORCH_EXTENSIONS_DIR wins); call
+    before DeepSpeed initialises in the process."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
 
 
 def grad_accum_steps(global_batch: int, micro_batch: int, world_size: int) -> int:

@@ -39,6 +39,7 @@ from pipelines.deepspeed_config import (
     grad_accum_steps,
     lr_factor_fn,
     resolve_precision,
+    use_own_torch_extensions_dir,
 )
 from pipelines.metrics import ModelShape, RunningMeter, memory_bytes, peak_flops, train_step_flops
 from pipelines.storage import Storage, is_s3, join, strip_scheme
@@ -336,6 +337,7 @@ def train_loop(config: dict) -> None:
 
     cfg: PretrainConfig = config["cfg"]
     entered = time.time()
+    use_own_torch_extensions_dir()
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = cfg.scaling.use_gpu

@@ -22,6 +22,8 @@ from pipelines.deepspeed_config import (
     grad_accum_steps,
     lr_factor,
     lr_factor_fn,
+    torch_extensions_dir,
+    use_own_torch_extensions_dir,
 )
 
 # ----------------------------------------------------------------------------------------------------------
@@ -296,6 +298,29 @@ def test_pretrain_recovers_from_a_worker_failure_and_learns(corpus, trained):
     after = batch_losses(model, batches)
     assert after.mean() < before.mean() - 0.01, (before, after)
     assert (after < before).sum() >= 5, (before, after)
+
+
+def test_torch_extensions_dir_is_per_environment(monkeypatch, tmp_path):
+    import sys
+
+    here = torch_extensions_dir()
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "other-venv"))
+    assert torch_extensions_dir() != here  # another checkout's venv builds elsewhere
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
+    use_own_torch_extensions_dir()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "mine")  # an explicit choice wins
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    use_own_torch_extensions_dir()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == torch_extensions_dir()
+
+
+def test_workers_build_deepspeed_ops_in_this_environments_cache(trained):
+    """The training workers compiled DeepSpeed's CPU all-reduce op into this environment's own cache, where a
+    run from another checkout cannot overwrite it (which cost 40-100 s of start-up before)."""
+    import glob
+
+    cache = os.environ.get("TORCH_EXTENSIONS_DIR") or torch_extensions_dir()
+    assert glob.glob(os.path.join(cache, "**", "deepspeed_shm_comm*.so"), recursive=True), cache
 
 
 def test_export_reproduces_the_in_training_encoder(corpus, trained):
