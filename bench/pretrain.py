@@ -173,21 +173,13 @@ def plain_step_fn(cfg):
 
 
 def deepspeed_step_fn(cfg):
-    """One optimiser step of a DeepSpeed engine built as the job's workers build it (same config), in this
-    process, without Ray."""
-    import deepspeed
-
+    """One optimiser step of a DeepSpeed engine built as the job's workers build it (`build_engine`, same
+    config), in this process, without Ray."""
     from olmoearth import build_model
-    from pipelines.deepspeed_config import deepspeed_config, lr_factor_fn
+    from pipelines.train import build_engine
 
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.size)
-    config = deepspeed_config(cfg.optim, cfg.train.zero_stage, cfg.data.batch_size, 1, 1, False, "fp32")
-    schedule = lr_factor_fn(cfg.optim, cfg.train.max_steps)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.param_groups(cfg.optim.weight_decay), config=config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-    )  # fmt: skip
+    engine = build_engine(cfg, build_model(cfg.model.size), 1, 1, False, "fp32")
 
     def step(batch: dict) -> None:
         out = engine(batch)
@@ -231,7 +223,7 @@ def deepspeed_vs_plain(cfg, batches: list[dict], warmup: int) -> tuple[float, fl
 
     from pipelines.deepspeed_config import use_own_torch_extensions_dir
 
-    use_own_torch_extensions_dir()  # as the job's workers do: no rebuild of DeepSpeed's op here
+    use_own_torch_extensions_dir()  # init_distributed may compile DeepSpeed's op before build_engine would set it
     torch.set_num_threads(1)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

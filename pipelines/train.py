@@ -326,9 +326,24 @@ def normal_priority() -> bool:
     return os.getpriority(os.PRIO_PROCESS, 0) == 0
 
 
+def build_engine(cfg: PretrainConfig, model, world_size: int, grad_accum: int, use_gpu: bool, precision: str):
+    """The DeepSpeed engine over the model's trainable groups (the frozen target projection is not in them),
+    with the config's ZeRO stage, AdamW, clipping and schedule; the bench builds its in-process engine here too."""
+    import deepspeed
+
+    use_own_torch_extensions_dir()  # before DeepSpeed compiles its ops
+    ds_config = deepspeed_config(cfg.optim, cfg.train.zero_stage, micro_batch_size(cfg), world_size, grad_accum,
+                                 use_gpu, precision)  # fmt: skip
+    schedule = lr_factor_fn(cfg.optim, cfg.train.max_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.param_groups(cfg.optim.weight_decay), config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+    )  # fmt: skip
+    return engine
+
+
 def train_loop(config: dict) -> None:
     """Ray Train's per-worker function."""
-    import deepspeed
     import ray.train
     from ray.train import Checkpoint
 
@@ -337,7 +352,6 @@ def train_loop(config: dict) -> None:
 
     cfg: PretrainConfig = config["cfg"]
     entered = time.time()
-    use_own_torch_extensions_dir()
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = cfg.scaling.use_gpu
@@ -355,14 +369,7 @@ def train_loop(config: dict) -> None:
     model = build_model(cfg.model.size)
     model.encoder.norm_stats = load_norm_stats(cfg.data.shards_uri, storage)  # what export will save
     shape = model_shape(model)
-    trainable = model.param_groups(cfg.optim.weight_decay)  # the frozen target projection is not in them
-    ds_config = deepspeed_config(cfg.optim, cfg.train.zero_stage, micro_batch_size(cfg), world_size, grad_accum,
-                                 use_gpu, precision)
-    schedule = lr_factor_fn(cfg.optim, cfg.train.max_steps)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=trainable, config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-    )  # fmt: skip
+    engine = build_engine(cfg, model, world_size, grad_accum, use_gpu, precision)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     state, resumed = TrainState(), False
