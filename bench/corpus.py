@@ -48,12 +48,12 @@ def main() -> None:
     import numpy as np
     import ray
 
-    from pipelines.build import BuildConfig, build_corpus
-    from pipelines.raster import read_geotiff
-    from pipelines.seaweed import SeaweedServer
-    from pipelines.storage import Storage
-    from pipelines.stream import StreamConfig, iter_training_batches, training_dataset
-    from pipelines.synth import SynthConfig, write_corpus
+    from pipelines.common.local_s3 import SeaweedServer
+    from pipelines.common.storage import Storage
+    from pipelines.corpus.build import BuildConfig, build_corpus
+    from pipelines.corpus.raster import read_geotiff
+    from pipelines.corpus.synth import SynthConfig, write_corpus
+    from pipelines.pretrain.stream import StreamConfig, iter_training_batches, training_dataset
 
     tmp = tempfile.mkdtemp(prefix="bench-corpus-")
     server = SeaweedServer(os.path.join(tmp, "weed")).start()

@@ -30,10 +30,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 from original_models import build_original, original_encode, random_inputs, write_original_folder  # noqa: E402
 
-from olmoearth.config import load_config  # noqa: E402
 from olmoearth.convert import convert, load_model  # noqa: E402
 from olmoearth.layout import ENCODER, MISSING  # noqa: E402
 from olmoearth.modalities import MODALITIES  # noqa: E402
+from pipelines.common.config import load_config  # noqa: E402
 
 
 @dataclass

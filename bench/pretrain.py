@@ -1,10 +1,10 @@
 """Pretraining throughput, side by side in one run, on a synthetic corpus in local files:
 
-1. this job (`pipelines.train.fit`: Ray Train + DeepSpeed ZeRO-2, the Ray Data stream), 1 worker
+1. this job (`pipelines.pretrain.train.fit`: Ray Train + DeepSpeed ZeRO-2, the Ray Data stream), 1 worker
    -> tokens/s per worker;
 2. a plain single-process PyTorch loop over the same model, the same batches in the same order, the same
    AdamW groups, schedule and clipping, fed by a torch DataLoader (1 worker process) that runs the same
-   batch-making code as the stream (`pipelines.stream.window_batches`: read, crop, mask, normalise,
+   batch-making code as the stream (`pipelines.pretrain.stream.window_batches`: read, crop, mask, normalise,
    collate) -> tokens/s. This is the target's baseline: what the job adds over plain PyTorch is Ray Train,
    DeepSpeed and Ray Data, not the batch-making work, which any loop has to do somewhere. On a 2-core machine
    that work, on the other core, slows the training thread by 5-12 % (shared core resources), in both loops;
@@ -83,7 +83,7 @@ class BusyCores:
 
 def run_job(cfg, storage) -> dict:
     """Run the job; its steady-state rates from the metrics rows it logged (first interval left out)."""
-    from pipelines.train import fit, run_uri
+    from pipelines.pretrain.train import fit, run_uri
 
     busy = BusyCores()
     started = time.time()
@@ -117,11 +117,11 @@ def run_job(cfg, storage) -> dict:
 
 class StreamWindows(torch.utils.data.IterableDataset):
     """The epoch's batches for a torch DataLoader: each window of the epoch plan through the stream's own
-    `window_batches` (`pipelines.stream.epoch_windows`), in the job's order; yields the pickled batches, as
+    `window_batches` (`pipelines.pretrain.stream.epoch_windows`), in the job's order; yields the pickled batches, as
     the Ray Data stream's rows hold them (the loop unpickles and converts them as the job does)."""
 
     def __init__(self, data_cfg, storage, epoch: int = 0):
-        from pipelines.stream import epoch_windows
+        from pipelines.pretrain.stream import epoch_windows
 
         super().__init__()
         self.items, self.fn = epoch_windows(data_cfg, storage, epoch)
@@ -138,7 +138,7 @@ def dataloader_batches(windows: StreamWindows, steps: int):
     (spawned: this process runs Ray, which must not be forked)."""
     import pickle
 
-    from pipelines.stream import to_torch
+    from pipelines.pretrain.stream import to_torch
 
     loader = torch.utils.data.DataLoader(windows, batch_size=None, num_workers=1, prefetch_factor=4,
                                          multiprocessing_context="spawn")  # fmt: skip
@@ -151,7 +151,7 @@ def dataloader_batches(windows: StreamWindows, steps: int):
 def plain_step_fn(cfg):
     """One optimiser step of the plain PyTorch loop: the job's model, AdamW groups, schedule and clipping."""
     from olmoearth import build_model
-    from pipelines.deepspeed_config import lr_factor_fn
+    from pipelines.pretrain.engine import lr_factor_fn
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.size)
@@ -176,7 +176,7 @@ def deepspeed_step_fn(cfg):
     """One optimiser step of a DeepSpeed engine built as the job's workers build it (`build_engine`, same
     config), in this process, without Ray."""
     from olmoearth import build_model
-    from pipelines.train import build_engine
+    from pipelines.pretrain.train import build_engine
 
     torch.manual_seed(cfg.train.seed)
     engine = build_engine(cfg, build_model(cfg.model.size), 1, 1, False, "fp32")
@@ -221,7 +221,7 @@ def deepspeed_vs_plain(cfg, batches: list[dict], warmup: int) -> tuple[float, fl
 
     import deepspeed
 
-    from pipelines.deepspeed_config import use_own_torch_extensions_dir
+    from pipelines.pretrain.engine import use_own_torch_extensions_dir
 
     use_own_torch_extensions_dir()  # init_distributed may compile DeepSpeed's op before build_engine would set it
     torch.set_num_threads(1)
@@ -280,12 +280,12 @@ def main() -> None:
     import numpy as np
     import ray
 
-    from olmoearth.config import from_dict
-    from pipelines.build import BuildConfig, build_corpus
-    from pipelines.storage import Storage
-    from pipelines.stream import iter_training_batches, num_batches, training_dataset
-    from pipelines.synth import SynthConfig, write_corpus
-    from pipelines.train import PretrainConfig
+    from pipelines.common.config import from_dict
+    from pipelines.common.storage import Storage
+    from pipelines.corpus.build import BuildConfig, build_corpus
+    from pipelines.corpus.synth import SynthConfig, write_corpus
+    from pipelines.pretrain.stream import iter_training_batches, num_batches, training_dataset
+    from pipelines.pretrain.train import PretrainConfig
 
     torch.set_num_threads(1)
     load_at_start = os.getloadavg()[0]

@@ -30,8 +30,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 def make_corpus(storage, root: str, cells: int, start: str) -> dict:
     """cells x cells contiguous synthetic corpus cells, all starting on `start`."""
-    from pipelines import raw_layout as rl
-    from pipelines.synth import SynthConfig, write_corpus
+    from pipelines.corpus import raw_layout as rl
+    from pipelines.corpus.synth import SynthConfig, write_corpus
 
     synth = SynthConfig(num_samples=cells * cells, seed=5, labelled=True, missing_timestep_rate=0.0,
                         missing_modality_rate=0.0, cloud_rate=0.0, ray_tasks=2)  # fmt: skip
@@ -49,8 +49,8 @@ def make_corpus(storage, root: str, cells: int, start: str) -> dict:
 
 
 def bench_area(args, storage, endpoint: str) -> None:
-    from serve.embed_area import EmbedAreaConfig, embed_area, make_source, plan
-    from serve.model import Embedder
+    from serve.embedder import Embedder
+    from serve.mapping.embed_area import EmbedAreaConfig, embed_area, make_source, plan
 
     bucket = f"s3://bench-{uuid.uuid4().hex[:8]}"
     start = dt.date(2021, 6, 1)
@@ -107,7 +107,7 @@ def bench_endpoint(args) -> None:
     import requests
     from ray import serve
 
-    from pipelines.seaweed import free_port
+    from pipelines.common.local_s3 import free_port
     from serve.app import ServeConfig, run
 
     cfg = ServeConfig(model_uri=args.model, port=free_port(), min_replicas=1, max_replicas=1, max_batch_size=16,
@@ -138,8 +138,8 @@ def bench_endpoint(args) -> None:
 
     # what the same requests cost without HTTP / Serve: decode + validate + forward in this process, in
     # batches of 4 (same model and torch threads); timed before and after the clients, since other load drifts
+    from serve.embedder import Embedder
     from serve.inputs import Limits, parse_npz
-    from serve.model import Embedder
 
     embedder = Embedder(args.model, num_threads=args.threads)
     n, per = 16 * args.requests, 4
@@ -195,8 +195,8 @@ def main() -> int:
 
     import ray
 
-    from pipelines.seaweed import SeaweedServer
-    from pipelines.storage import Storage
+    from pipelines.common.local_s3 import SeaweedServer
+    from pipelines.common.storage import Storage
 
     with tempfile.TemporaryDirectory() as tmp, SeaweedServer(os.path.join(tmp, "weed")) as s3:
         os.environ.update(s3.env())

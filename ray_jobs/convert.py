@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from olmoearth.config import load_config
 from olmoearth.convert import convert
-from pipelines.storage import Storage, is_s3, strip_scheme
+from pipelines.common.config import load_config
+from pipelines.common.storage import Storage, is_s3, strip_scheme
 
 
 @dataclass

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from olmoearth.config import load_config
+from pipelines.common.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,7 @@ class DemoConfig:
     labelled_samples: int = 64  # labelled corpus: a contiguous block for evaluation and the area embedding
     pretrain_steps: int = 300
     area_cells: int = 3  # the embedded area is area_cells x area_cells grid cells (2.56 km each)
-    # months embedded: a summer in the labelled block's acquisition year (pipelines.synth.LABELLED_START)
+    # months embedded: a summer in the labelled block's acquisition year (pipelines.corpus.synth.LABELLED_START)
     area_time: list[str] = field(default_factory=lambda: ["2021-06-01", "2021-08-30"])
     keep_data: bool = False  # keep the SeaweedFS data folder afterwards
 
@@ -72,9 +72,9 @@ class Step:
 def run(cfg: DemoConfig) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
-    from pipelines.cluster import init_ray
-    from pipelines.seaweed import SeaweedServer
-    from pipelines.storage import Storage
+    from pipelines.common.local_s3 import SeaweedServer
+    from pipelines.common.ray_start import init_ray
+    from pipelines.common.storage import Storage
 
     out = os.path.abspath(cfg.out)
     os.makedirs(out, exist_ok=True)
@@ -162,8 +162,8 @@ def _clear_previous_results(out: str) -> None:
 
 
 def _serve_and_embed(cfg: DemoConfig, labelled: str, encoder_uri: str, out: str, storage) -> dict:
-    from pipelines.raw_layout import cell_bounds, list_samples, parse_sample_id
-    from pipelines.seaweed import free_port
+    from pipelines.common.local_s3 import free_port
+    from pipelines.corpus.raw_layout import cell_bounds, list_samples, parse_sample_id
     from ray_jobs import embed_area
     from serve.app import ServeConfig
     from serve.app import run as serve_run

@@ -1,4 +1,4 @@
-"""`olmoearth embed`: embed a large area into a georeferenced embedding map (logic in serve/embed_area.py).
+"""`olmoearth embed`: embed a large area into a georeferenced embedding map (logic in serve/mapping/embed_area.py).
 
     olmoearth embed --config configs/embed_area.yaml --out s3://bucket/maps/x --bbox '[-76.1, 36.8, -75.9, 37.0]'
 
@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import sys
 
-from olmoearth.config import load_config
-from pipelines.cluster import init_ray  # noqa: E402
+from pipelines.common.config import load_config
+from pipelines.common.ray_start import init_ray  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
 
-    from serve.embed_area import EmbedAreaConfig, embed_area
+    from serve.mapping.embed_area import EmbedAreaConfig, embed_area
 
     cfg = load_config(EmbedAreaConfig, argv, description=__doc__)
     init_ray()

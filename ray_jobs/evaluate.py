@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from olmoearth.config import load_config
+from pipelines.common.config import load_config
 from pipelines.evaluation.run import EvalConfig, run_eval
 
 

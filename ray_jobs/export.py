@@ -20,9 +20,9 @@ class ExportConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from olmoearth.config import load_config
-    from pipelines.export import export_encoder
-    from pipelines.storage import Storage
+    from pipelines.common.config import load_config
+    from pipelines.common.storage import Storage
+    from pipelines.pretrain.export import export_encoder
 
     cfg = load_config(ExportConfig, argv, description=__doc__)
     if not cfg.checkpoint or not cfg.out:

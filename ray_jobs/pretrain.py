@@ -16,8 +16,8 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from olmoearth.config import load_config
-    from pipelines.train import PretrainConfig, fit, run_uri
+    from pipelines.common.config import load_config
+    from pipelines.pretrain.train import PretrainConfig, fit, run_uri
 
     cfg = load_config(PretrainConfig, argv, description=__doc__)
     fit(cfg)

@@ -15,7 +15,7 @@ import time
 
 import yaml
 
-from olmoearth.config import add_config_args, config_from_args
+from pipelines.common.config import add_config_args, config_from_args
 
 
 def serve_config_to_job_yaml(path: str) -> str:
@@ -52,7 +52,7 @@ def parse(argv: list[str] | None):
     return config_from_args(ServeConfig, args)
 
 
-from pipelines.cluster import init_ray  # noqa: E402
+from pipelines.common.ray_start import init_ray  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

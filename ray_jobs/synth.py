@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from olmoearth.config import load_config
-from pipelines.storage import Storage
-from pipelines.synth import SynthConfig, write_corpus
+from pipelines.common.config import load_config
+from pipelines.common.storage import Storage
+from pipelines.corpus.synth import SynthConfig, write_corpus
 
 
 @dataclass
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     if not cfg.out_uri:
         raise SystemExit("olmoearth synth: --out_uri is required")
     if cfg.ray_tasks > 0:
-        from pipelines.cluster import init_ray
+        from pipelines.common.ray_start import init_ray
 
         init_ray()
     synth = SynthConfig(num_samples=cfg.num_samples, seed=cfg.seed, labelled=cfg.labelled,

@@ -97,8 +97,8 @@ def error(e: BadRequest) -> JSONResponse:
 @serve.ingress(api)
 class EncoderDeployment:
     def __init__(self, cfg: dict):
-        from pipelines.storage import Storage
-        from serve.model import Embedder
+        from pipelines.common.storage import Storage
+        from serve.embedder import Embedder
 
         self.cfg = ServeConfig(**cfg)
         self.limits = Limits(self.cfg.max_tile, self.cfg.max_samples)
@@ -166,7 +166,7 @@ class EncoderDeployment:
         headers = {"X-Batch-Size": str(batch_size), "X-Patch-Size": str(p)}
         emb = patches if output == "patches" else pooled
         if fmt == "tif":
-            from serve.geo import write_geotiff_bytes
+            from serve.mapping.geo import write_geotiff_bytes
 
             g = inp.georef
             a, b, c, d, e, f = g.transform
@@ -247,7 +247,7 @@ def build_app(cfg: ServeConfig):
 def app_builder(args: dict):
     """Entry for `serve run serve.app:app_builder` / a Serve config YAML (configs/serve.yaml): args are
     ServeConfig fields."""
-    from olmoearth.config import from_dict
+    from pipelines.common.config import from_dict
 
     return build_app(from_dict(ServeConfig, dict(args or {})))
 

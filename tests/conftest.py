@@ -17,7 +17,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3-compatible server (SeaweedFS) on 127.0.0.1; its env is exported for s3fs / pyarrow."""
-    from pipelines.seaweed import SeaweedServer
+    from pipelines.common.local_s3 import SeaweedServer
 
     server = SeaweedServer(str(tmp_path_factory.mktemp("seaweed"))).start()
     old = {k: os.environ.get(k) for k in server.env()}
@@ -34,7 +34,7 @@ def s3_server(tmp_path_factory):
 @pytest.fixture
 def s3_bucket(s3_server):
     """A fresh, empty bucket URI (s3://test-<random>) on the session's SeaweedFS server."""
-    from pipelines.storage import Storage
+    from pipelines.common.storage import Storage
 
     uri = f"s3://test-{uuid.uuid4().hex[:10]}"
     Storage(s3_server.endpoint).makedirs(uri)

@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 import yaml
 
-from pipelines.seaweed import free_port
+from pipelines.common.local_s3 import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)

@@ -381,7 +381,7 @@ def test_refuses_missing_extra_misshaped_tensors_by_key(nano_folder, tmp_path):
 def test_convert_job_over_s3(nano_folder, s3_server, s3_bucket, tmp_path):
     """`olmoearth convert` reads an original folder from S3 and writes the converted checkpoint to S3;
     what it wrote loads back and encodes like the original."""
-    from pipelines.storage import Storage
+    from pipelines.common.storage import Storage
     from ray_jobs.cli import main as cli
 
     storage = Storage(s3_server.endpoint)

@@ -11,10 +11,10 @@ from rasterio.enums import Resampling
 from rasterio.windows import from_bounds
 
 from olmoearth.modalities import MODALITIES
-from pipelines import raw_layout as rl
-from pipelines.raster import RejectError, geotiff_bytes, read_geotiff, read_sample
-from pipelines.storage import Storage, join
-from pipelines.synth import CLASSES, SynthConfig, make_sample, plan_cells, write_corpus
+from pipelines.common.storage import Storage, join
+from pipelines.corpus import raw_layout as rl
+from pipelines.corpus.raster import RejectError, geotiff_bytes, read_geotiff, read_sample
+from pipelines.corpus.synth import CLASSES, SynthConfig, make_sample, plan_cells, write_corpus
 
 
 def test_parse_sample_name():
@@ -162,7 +162,7 @@ def test_real_sentinel2_cut_onto_the_grid(s3_bucket, s3_server, with_s3):
 
 def test_a_file_gone_since_listing_is_vanished(tmp_path):
     """A file that was listed but is gone when read rejects its sample as `vanished`, naming the file."""
-    from pipelines.raster import load_bandsets
+    from pipelines.corpus.raster import load_bandsets
 
     sid = rl.sample_id(32618, 4, -9)
     gone = str(tmp_path / "10_sentinel1_monthly" / (sid + "_10.tif"))

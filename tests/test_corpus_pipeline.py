@@ -13,11 +13,12 @@ import pytest
 
 from olmoearth.layout import ENCODER, MISSING
 from olmoearth.modalities import MAP_MODALITIES, MODALITIES
-from pipelines import raw_layout as rl
-from pipelines.build import BuildConfig, build_corpus, format_summary, read_cell
-from pipelines.raster import geotiff_bytes, grid_crop
-from pipelines.storage import Storage, join
-from pipelines.stream import (
+from pipelines.common.storage import Storage, join
+from pipelines.corpus import raw_layout as rl
+from pipelines.corpus.build import BuildConfig, build_corpus, format_summary, read_cell
+from pipelines.corpus.raster import geotiff_bytes, grid_crop
+from pipelines.corpus.synth import SynthConfig, write_corpus
+from pipelines.pretrain.stream import (
     StreamConfig,
     check_batch,
     epoch_plan,
@@ -26,7 +27,6 @@ from pipelines.stream import (
     load_norm_stats,
     training_dataset,
 )  # fmt: skip
-from pipelines.synth import SynthConfig, write_corpus
 
 N_GOOD = 3
 EPSG = 32618
@@ -143,7 +143,7 @@ def test_shards_hold_what_the_reader_reads(corpus):
     20/40 m repeated onto 10 m, OSM strided, missing months NaN, nodata NaN, S1 in dB (float16 in the shard)."""
     import pyarrow.parquet as pq
 
-    from pipelines.raster import cut_stored, read_sample
+    from pipelines.corpus.raster import cut_stored, read_sample
 
     storage, out, raw = corpus["storage"], corpus["out"], corpus["raw"]
     sh = load_manifest(out, storage)["shards"][0]
@@ -169,7 +169,13 @@ def test_shards_hold_what_the_reader_reads(corpus):
 def test_timestep_routing_splits_lines_exactly(tmp_path):
     """Routing a CSV in byte ranges of any size puts every row in exactly one range, under its sample's part,
     and a malformed line is reported with the file and its byte offset."""
-    from pipelines.build import TIMESTEP_FIELDS, csv_chunks, part_of, read_part_timesteps, route_timesteps
+    from pipelines.corpus.build import (
+        TIMESTEP_FIELDS,
+        csv_chunks,
+        part_of,
+        read_part_timesteps,
+        route_timesteps,
+    )
 
     d = dt.date(2020, 1, 1)
     rows = [(rl.sample_id(EPSG, c, -7), t, d + dt.timedelta(days=30 * t), d + dt.timedelta(days=30 * t + 29))

@@ -20,9 +20,9 @@ CELL_M = 2560.0
 def area(s3_server):
     """A 4 x 4 block of contiguous corpus cells (EPSG:32618), all observed from the same day (the synthetic
     corpus gives each cell its own start date; the timestep CSVs are shifted so all start on TIME[0])."""
-    from pipelines import raw_layout as rl
-    from pipelines.storage import Storage
-    from pipelines.synth import SynthConfig, write_corpus
+    from pipelines.common.storage import Storage
+    from pipelines.corpus import raw_layout as rl
+    from pipelines.corpus.synth import SynthConfig, write_corpus
 
     storage = Storage(s3_server.endpoint)
     root = f"s3://area-{uuid.uuid4().hex[:8]}/raw"
@@ -48,8 +48,8 @@ def area(s3_server):
 def block_pixels(area) -> tuple[np.ndarray, int]:
     """The 1024 x 1024 px mosaic of MOD over the 16 cells at the first timestep, read directly."""
     from olmoearth.modalities import MODALITIES
-    from pipelines import raw_layout as rl
-    from pipelines.raster import read_sample
+    from pipelines.corpus import raw_layout as rl
+    from pipelines.corpus.raster import read_sample
 
     out = np.full((1024, 1024, MODALITIES[MOD].num_bands), np.nan, np.float32)
     month = None
@@ -74,9 +74,9 @@ def test_area_job_covers_blends_matches_encode_and_resumes(area, ray_cluster, s3
     import rioxarray
     import xarray as xr
 
-    from serve.embed_area import EmbedAreaConfig, embed_area
-    from serve.model import Embedder
-    from serve.tiling import starts
+    from pipelines.imagery.grid import starts
+    from serve.embedder import Embedder
+    from serve.mapping.embed_area import EmbedAreaConfig, embed_area
 
     out = area["root"].rsplit("/", 1)[0] + "/embeddings"
     cfg = EmbedAreaConfig(bbox=lonlat_bbox(area), source=area["root"], modalities=[MOD], time_start=TIME[0], time_end=TIME[1],

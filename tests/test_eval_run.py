@@ -19,10 +19,10 @@ import torch
 from olmoearth import build_model
 from olmoearth.checkpoint import save_encoder
 from olmoearth.masking import mask_batch, token_presence
+from pipelines.common.storage import Storage, join
 from pipelines.evaluation.hook import load_probe_set, probe
 from pipelines.evaluation.run import DatasetConfig, EvalConfig, run_eval
 from pipelines.evaluation.synth_task import SynthTaskReader, geo_block
-from pipelines.storage import Storage, join
 
 CHIP, T, PATCH, CHIPS_PER_TILE = 32, 1, 4, 8  # single-date Sentinel-2 chips of 320 m, as EuroSAT
 PRETRAIN_STEPS, PRETRAIN_BATCH, PRETRAIN_LR = 50, 16, 2e-3
@@ -37,7 +37,7 @@ def bucket(s3_server):
 
 @pytest.fixture(scope="module")
 def corpus(bucket, s3_server):
-    from pipelines.synth import SynthConfig, write_corpus
+    from pipelines.corpus.synth import SynthConfig, write_corpus
 
     uri = join(bucket, "synth")
     # curated like a benchmark (configs/synth_labelled.yaml): cloud-free, no missing months or modalities

@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 
-from olmoearth.config import from_dict, load_config
 from olmoearth.modalities import (
     ALL_BANDSETS,
     ENCODER_MODALITIES,
@@ -18,7 +17,8 @@ from olmoearth.modalities import (
     NormStats,
     get_modality,
 )
-from pipelines.storage import Storage, join
+from pipelines.common.config import from_dict, load_config
+from pipelines.common.storage import Storage, join
 
 
 def test_registry_matches_the_original_v1():

@@ -7,7 +7,7 @@ import io
 import matplotlib.image as mpimg
 import numpy as np
 
-from pipelines.plots import loss_curve_png
+from pipelines.pretrain.plots import loss_curve_png
 
 
 def test_probe_scores_are_drawn_beside_the_losses():

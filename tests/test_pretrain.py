@@ -16,7 +16,7 @@ import pytest
 os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
 os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
 
-from pipelines.deepspeed_config import (
+from pipelines.pretrain.engine import (
     OptimConfig,
     deepspeed_config,
     grad_accum_steps,
@@ -81,7 +81,7 @@ def test_normal_priority_undoes_rays_worker_niceness():
         started = threading.Event()
         t = threading.Thread(target=started.wait, daemon=True)  # a thread that exists before the call
         t.start()
-        from pipelines.train import normal_priority
+        from pipelines.pretrain.train import normal_priority
         ok = normal_priority()
         print(ok, os.getpriority(os.PRIO_PROCESS, 0), os.getpriority(os.PRIO_PROCESS, t.native_id))
         started.set()
@@ -98,7 +98,7 @@ def test_normal_priority_undoes_rays_worker_niceness():
 
 
 def test_flops_estimate_scales_with_tokens_and_meter_reports_rates():
-    from pipelines.metrics import ModelShape, RunningMeter, measure_matmul_flops, train_step_flops
+    from pipelines.pretrain.throughput import ModelShape, RunningMeter, measure_matmul_flops, train_step_flops
 
     shape = ModelShape(enc_dim=128, enc_depth=4, dec_dim=128, dec_depth=4)
     n = np.array([200, 200])
@@ -121,7 +121,7 @@ def test_loss_curve_png():
 
     import matplotlib.image as mpimg
 
-    from pipelines.plots import loss_curve_png
+    from pipelines.pretrain.plots import loss_curve_png
 
     rows = [{"step": s, "loss": 3 - s / 10, "patch_disc": 2.5 - s / 10, "contrastive": 5.0, "lr": 1e-4}
             for s in range(1, 11)]  # fmt: skip
@@ -138,8 +138,8 @@ def test_loss_curve_png():
 
 
 def test_checkpoints_listed_by_step_across_trials_and_pruned(s3_server, s3_bucket):
-    from pipelines.storage import Storage, join
-    from pipelines.train import STATE_FILE, latest_checkpoint, list_checkpoints, prune_checkpoints
+    from pipelines.common.storage import Storage, join
+    from pipelines.pretrain.train import STATE_FILE, latest_checkpoint, list_checkpoints, prune_checkpoints
 
     storage = Storage(s3_server.endpoint)
     run = join(s3_bucket, "runs", "r")
@@ -167,9 +167,9 @@ def test_checkpoints_listed_by_step_across_trials_and_pruned(s3_server, s3_bucke
 @pytest.fixture(scope="module")
 def corpus(s3_server, ray_cluster):
     """6 synthetic cells (24 training samples, 3 timesteps) built into shards in a bucket of its own."""
-    from pipelines.build import BuildConfig, build_corpus
-    from pipelines.storage import Storage, join
-    from pipelines.synth import SynthConfig, write_corpus
+    from pipelines.common.storage import Storage, join
+    from pipelines.corpus.build import BuildConfig, build_corpus
+    from pipelines.corpus.synth import SynthConfig, write_corpus
 
     storage = Storage(s3_server.endpoint)
     bucket = f"s3://pretrain-{uuid.uuid4().hex[:8]}"
@@ -186,8 +186,8 @@ LR = 3e-4
 def nano_config(corpus, name: str, **train):
     """The CPU config of configs/pretrain_nano_cpu.yaml, shrunk: 2-sample batches (12 per epoch, 6 steps of
     2 workers), patch sizes 2..4, <= 4 x 4 tokens per side."""
-    from olmoearth.config import from_dict
-    from pipelines.train import PretrainConfig
+    from pipelines.common.config import from_dict
+    from pipelines.pretrain.train import PretrainConfig
 
     storage, bucket, shards = corpus
     cfg = {
@@ -208,7 +208,7 @@ def nano_config(corpus, name: str, **train):
 
 
 def final_state(storage, run: str) -> dict:
-    from pipelines.train import STATE_FILE, latest_checkpoint
+    from pipelines.pretrain.train import STATE_FILE, latest_checkpoint
 
     return json.loads(storage.read_text(latest_checkpoint(storage, run) + "/" + STATE_FILE))
 
@@ -225,7 +225,7 @@ def batch_losses(model, batches) -> np.ndarray:
 @pytest.fixture(scope="module")
 def trained(corpus):
     """ZeRO-2, 30 steps, checkpoint every 5 (keep 2), the last worker killed at step 10 of the first attempt."""
-    from pipelines.train import fit, run_uri
+    from pipelines.pretrain.train import fit, run_uri
 
     cfg = nano_config(corpus, "main", fail_at_step=10)
     result = fit(cfg)
@@ -236,9 +236,9 @@ def test_pretrain_recovers_from_a_worker_failure_and_learns(corpus, trained):
     import torch
 
     from olmoearth import build_model
-    from pipelines.export import consolidated_state_dict
-    from pipelines.stream import iter_training_batches, training_dataset
-    from pipelines.train import list_checkpoints
+    from pipelines.pretrain.export import consolidated_state_dict
+    from pipelines.pretrain.stream import iter_training_batches, training_dataset
+    from pipelines.pretrain.train import list_checkpoints
 
     storage, bucket, shards = corpus
     cfg, result, run = trained
@@ -327,8 +327,8 @@ def test_export_reproduces_the_in_training_encoder(corpus, trained):
     import torch
 
     from olmoearth import encode, load_encoder
-    from pipelines.stream import load_norm_stats
-    from pipelines.train import REFERENCE_FILE, latest_checkpoint
+    from pipelines.pretrain.stream import load_norm_stats
+    from pipelines.pretrain.train import REFERENCE_FILE, latest_checkpoint
     from ray_jobs.export import main as export_main
 
     storage, bucket, shards = corpus
@@ -353,7 +353,7 @@ def test_export_reproduces_the_in_training_encoder(corpus, trained):
 
 
 def test_resubmitted_run_continues_from_its_checkpoint(corpus, trained):
-    from pipelines.train import fit, list_checkpoints, run_uri
+    from pipelines.pretrain.train import fit, list_checkpoints, run_uri
 
     storage, _, _ = corpus
     cfg, _, run = trained
@@ -374,7 +374,7 @@ def test_zero_stages_run_and_export(corpus, stage, tmp_path):
     run also calls the in-loop probe (pipelines/evaluation/hook.py) on a labelled synthetic set; the
     ZeRO-3 run accumulates gradients over 2 microbatches per step."""
     from olmoearth import load_encoder
-    from pipelines.train import list_checkpoints
+    from pipelines.pretrain.train import list_checkpoints
     from ray_jobs.export import main as export_main
     from ray_jobs.pretrain import main as pretrain_main
 
@@ -389,7 +389,7 @@ def test_zero_stages_run_and_export(corpus, stage, tmp_path):
     if stage == 3:  # gradient accumulation: 2-sample microbatches, 2 per worker per step of 8 samples
         argv += ["--data.batch_size", "2"]
     if stage == 1:
-        from pipelines.synth import SynthConfig, write_corpus
+        from pipelines.corpus.synth import SynthConfig, write_corpus
 
         labelled = f"{bucket}/labelled"
         write_corpus(SynthConfig(num_samples=4, seed=1, labelled=True, timesteps=3, missing_timestep_rate=0.0,

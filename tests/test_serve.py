@@ -28,8 +28,8 @@ def endpoint(ray_cluster, s3_server):
 
     from olmoearth import build_model
     from olmoearth.checkpoint import save_encoder
-    from pipelines.seaweed import free_port
-    from pipelines.storage import Storage
+    from pipelines.common.local_s3 import free_port
+    from pipelines.common.storage import Storage
     from serve.app import ServeConfig, run
 
     storage = Storage(s3_server.endpoint)
@@ -144,7 +144,7 @@ def bad_cases():
     tif, _ = real_s2_geotiff(16)
     from rasterio import Affine
 
-    from pipelines.raster import geotiff_bytes
+    from pipelines.corpus.raster import geotiff_bytes
 
     five_band = geotiff_bytes(np.ones((5, 16, 16), np.uint16), 32618, Affine(10, 0, 0, 0, -10, 0), compress="deflate")
     return [
@@ -210,8 +210,8 @@ def test_area_job_through_the_endpoint_equals_the_actor_pool(endpoint, s3_server
     with engine=serve (actors POST tiles to the endpoint) and once with engine=ray_data: the same map."""
     import rioxarray
 
-    from pipelines.storage import Storage
-    from serve.embed_area import EmbedAreaConfig, embed_area
+    from pipelines.common.storage import Storage
+    from serve.mapping.embed_area import EmbedAreaConfig, embed_area
 
     storage = Storage(s3_server.endpoint)
     tif, ref = real_s2_geotiff(160)

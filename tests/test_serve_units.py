@@ -8,8 +8,8 @@ import io
 import numpy as np
 import pytest
 
+from pipelines.imagery.grid import Grid, make_tiles, starts, tile_weights
 from serve.inputs import BadRequest, Limits, parse_months, parse_npz, validate
-from serve.tiling import Grid, make_tiles, starts, tile_weights
 
 
 def npz(**arrays) -> bytes:
@@ -90,7 +90,7 @@ def test_tiles_cover_the_grid_and_blending_is_exact_where_one_tile_reaches():
 
 
 def test_area_grid_picks_the_utm_zone_and_snaps_outward():
-    from serve.geo import area_grid, utm_epsg
+    from serve.mapping.geo import area_grid, utm_epsg
 
     assert utm_epsg(-75.9, 37.1) == 32618 and utm_epsg(151.2, -33.9) == 32756
     crs, (x0, y0), w, h = area_grid((-75.98, 37.10, -75.88, 37.18), "EPSG:4326", None, 10.0, 40.0)
@@ -99,7 +99,7 @@ def test_area_grid_picks_the_utm_zone_and_snaps_outward():
 
 
 def test_int8_quantisation_roundtrip():
-    from serve.geo import dequantise_int8, quantise_int8
+    from serve.mapping.geo import dequantise_int8, quantise_int8
 
     e = np.random.default_rng(0).normal(size=(5, 5, 8)).astype(np.float32)
     e[0, 0] = np.nan
@@ -115,9 +115,9 @@ def test_geotiff_source_warps_onto_the_grid(tmp_path):
     import rasterio
     from affine import Affine
 
-    from pipelines.storage import Storage
-    from serve.sources import GeoTiffSource
-    from serve.tiling import Tile
+    from pipelines.common.storage import Storage
+    from pipelines.imagery.grid import Tile
+    from pipelines.imagery.sources import GeoTiffSource
 
     rng = np.random.default_rng(0)
     arr = rng.integers(1, 5000, (24, 50, 50)).astype(np.uint16)  # 2 timesteps x 12 bands
@@ -146,11 +146,11 @@ def test_corpus_source_reads_the_same_pixels_as_read_sample(tmp_path):
     timeline the documented way (slot middle day -> 30-day period, first image wins)."""
     import datetime as dt
 
-    from pipelines import raw_layout as rl
-    from pipelines.raster import read_sample
-    from pipelines.storage import Storage
-    from pipelines.synth import SynthConfig, write_corpus
-    from serve.sources import CorpusSource
+    from pipelines.common.storage import Storage
+    from pipelines.corpus import raw_layout as rl
+    from pipelines.corpus.raster import read_sample
+    from pipelines.corpus.synth import SynthConfig, write_corpus
+    from pipelines.imagery.sources import CorpusSource
 
     storage = Storage()
     root = str(tmp_path / "raw")
@@ -213,8 +213,8 @@ def test_serve_app_options_autoscaling_gpu_and_batching():
 
 def test_preview_leaves_out_the_tiling_component(tmp_path):
     """A position signal repeating every tile must not paint the preview; the land signal must."""
-    from serve.mosaic import MosaicWriter
-    from serve.tiling import Grid
+    from pipelines.imagery.grid import Grid
+    from serve.mapping.mosaic import MosaicWriter
 
     rng = np.random.default_rng(0)
     size, n, dim = 8, 4, 16  # tiles of 8 x 8 tokens, a 4 x 4 lattice of them, 16-dim embeddings
@@ -244,14 +244,14 @@ def test_preview_leaves_out_the_tiling_component(tmp_path):
 
 
 def test_streaming_mosaic_writes_each_band_once_its_tiles_are_final_in_any_order(tmp_path):
-    """serve/assemble.py: bands of block_tokens rows go out as soon as every overlapping tile has a final status;
+    """serve/mapping/assemble.py: bands of block_tokens rows go out as soon as every overlapping tile has a final status;
     the mosaic does not depend on the order results arrive in."""
     import rasterio
 
-    from pipelines.storage import Storage
-    from serve.assemble import StreamingMosaic
-    from serve.embed_area import EmbedAreaConfig, write_batch_results
-    from serve.tiling import Grid, make_tiles
+    from pipelines.common.storage import Storage
+    from pipelines.imagery.grid import Grid, make_tiles
+    from serve.mapping.assemble import StreamingMosaic
+    from serve.mapping.embed_area import EmbedAreaConfig, write_batch_results
 
     # 160 x 160 px at patch 4 = 40 x 40 tokens; tiles of 16 tokens stepping by 12: rows at tokens 0, 12, 24;
     # bands of 16 rows: band 0 needs tile rows 0-1, band 1 rows 1-2, band 2 row 2

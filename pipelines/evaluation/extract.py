@@ -53,8 +53,8 @@ class Embedder:
                  threads: int = 1, s3_endpoint: str | None = None):
         import torch
 
+        from pipelines.common.storage import Storage
         from pipelines.evaluation.features import load_source
-        from pipelines.storage import Storage
 
         torch.set_num_threads(max(1, threads))
         self.reader, self.patch_size, self.pooling, self.dense = reader, patch_size, pooling, dense

@@ -30,7 +30,7 @@ def load_source(spec: dict, storage=None):
         return spec["encoder"]
     if kind == "checkpoint":
         from olmoearth.checkpoint import load_encoder
-        from pipelines.storage import Storage
+        from pipelines.common.storage import Storage
 
         storage = storage or Storage()
         try:

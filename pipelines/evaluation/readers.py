@@ -6,7 +6,7 @@
 
 Formats: BigEarthNet-S2 (+ S1) patch folders, a generic folder of GeoTIFF chips with a labels CSV, and
 GEO-Bench's converted HDF5 datasets. The synthetic corpus task lives in synth_task.py. Paths may be local
-or s3:// (read through pipelines.storage)."""
+or s3:// (read through pipelines.common.storage)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from olmoearth.modalities import get_modality
+from pipelines.common.storage import Storage, is_s3, join
 from pipelines.evaluation.task import TaskInfo, assign_splits, upsample_repeat
-from pipelines.storage import Storage, is_s3, join
 
 # --------------------------------------------------------------------------------------------------
 # small I/O helpers

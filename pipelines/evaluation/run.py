@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from pipelines.common.storage import Storage, join
 from pipelines.evaluation.extract import extract_features
 from pipelines.evaluation.readers import reader_from_config
 from pipelines.evaluation.score import format_record, markdown_table, score_task
 from pipelines.evaluation.task import split_sizes
-from pipelines.storage import Storage, join
 
 
 @dataclass

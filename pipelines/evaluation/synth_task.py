@@ -1,11 +1,11 @@
-"""The labelled task of the synthetic corpus (pipelines/synth.py with labelled=True): each tile has a
+"""The labelled task of the synthetic corpus (pipelines/corpus/synth.py with labelled=True): each tile has a
 class (`labels.csv`: sample_id, label, label_name: the tile's dominant land cover) and a per-pixel class
 map (`10_labels/`).
 
 Chips are cut from the 256 x 256 tiles (`chip_size`, `chips_per_tile`) and keep the first
 `max_timesteps` months of `modalities`; every chip of a tile stays in its tile's split. A chip's class
 (classification) is the dominant class of the label map inside the chip (the tile's label when the chip
-is the whole tile); segmentation uses the map itself. Class ids are the generator's (`pipelines.synth.CLASSES`). Splits are by geography: tiles
+is the whole tile); segmentation uses the map itself. Class ids are the generator's (`pipelines.corpus.synth.CLASSES`). Splits are by geography: tiles
 (`EPSG:<code>_<col>_<row>`) are grouped into blocks of `split_block` x `split_block` grid cells and whole
 blocks go to train, val or test, so no tile (and no neighbourhood) is in two splits."""
 
@@ -18,18 +18,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from olmoearth.modalities import ENCODER_MODALITIES, TILE_SIZE
+from pipelines.common.storage import Storage, join
 from pipelines.evaluation.task import TaskInfo, assign_splits
-from pipelines.storage import Storage, join
 
 # The EuroSAT-like task of configs/eval_synth.yaml (single-date Sentinel-2 chips of 32 px, 8 per tile, split by
-# 2 x 2-cell blocks); pretraining's in-loop probe scores the same task (pipelines/train.py load_probe).
+# 2 x 2-cell blocks); pretraining's in-loop probe scores the same task (pipelines/pretrain/train.py load_probe).
 EUROSAT_LIKE = {"chip_size": 32, "chips_per_tile": 8, "max_timesteps": 1, "split_block": 2,
                 "fractions": (0.6, 0.0, 0.4), "modalities": ("sentinel2_l2a",)}  # fmt: skip
 
 
 def geo_block(sample_id: str, block: int) -> str:
     """The geographic block of a tile: its UTM zone and grid cell divided by `block`."""
-    from pipelines.raw_layout import parse_sample_id
+    from pipelines.corpus.raw_layout import parse_sample_id
 
     epsg, col, row = parse_sample_id(sample_id)
     return f"EPSG:{epsg}/{col // block}/{row // block}"
@@ -81,7 +81,7 @@ class SynthTaskReader:
                 raise ValueError(f"{uri} line {i}: label {r['label']} named both {names[int(r['label'])]!r} and {r['label_name']!r}")
         if not labels:
             raise ValueError(f"{uri}: no rows")
-        from pipelines.synth import CLASSES
+        from pipelines.corpus.synth import CLASSES
 
         for i, n in names.items():
             if not 0 <= i < len(CLASSES) or CLASSES[i] != n:
@@ -92,7 +92,7 @@ class SynthTaskReader:
         return TaskInfo(self.name, self.kind, self._labels()[1])
 
     def rows(self) -> list[dict]:
-        from pipelines.raw_layout import list_samples
+        from pipelines.corpus.raw_layout import list_samples
 
         storage = Storage(self.s3_endpoint)
         labels, _ = self._labels()
@@ -114,7 +114,7 @@ class SynthTaskReader:
         return rows
 
     def load(self, row: dict):
-        from pipelines.raster import read_sample
+        from pipelines.corpus.raster import read_sample
 
         storage = Storage(self.s3_endpoint)
         key = (self.root, row["sample_id"], tuple(self.modalities))
@@ -141,8 +141,8 @@ _TILE_CACHE: dict = {}  # the last tile read by this process
 
 def read_label_map(root: str, sample_id: str, storage: Storage) -> np.ndarray:
     """The tile's per-pixel class map from `10_labels/` as (256, 256) int64, -1 where unlabelled."""
-    from pipelines import raw_layout as rl
-    from pipelines.raster import read_geotiff
+    from pipelines.corpus import raw_layout as rl
+    from pipelines.corpus.raster import read_geotiff
 
     uri = join(root, rl.LABELS_FOLDER, rl.file_name(*rl.parse_sample_id(sample_id), 10))
     if not storage.exists(uri):

@@ -7,7 +7,7 @@
               finished tile, then the .json of the same name with every tile's status
               -> resumable per tile: a rerun skips tiles some .json says are "ok"; a failing tile is recorded
               and reported
-    assemble: in the driver while the workers encode (serve/assemble.py): tiles blended (linear ramps over the
+    assemble: in the driver while the workers encode (serve/mapping/assemble.py): tiles blended (linear ramps over the
               overlaps) in bands of `block_tokens` token rows, each as soon as all its tiles are done, into
               out/embeddings.tif  Cloud-Optimized GeoTIFF, one band per dimension (float32, or int8 with
                                   `scale` in the metadata: value = q * scale, -128 nodata)
@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from pipelines.storage import Storage, is_s3, join
-from serve.assemble import TILE_DIR
-from serve.tiling import Grid, Tile, make_tiles, signature
+from pipelines.common.storage import Storage, is_s3, join
+from pipelines.imagery.grid import Grid, Tile, make_tiles, signature
+from serve.mapping.assemble import TILE_DIR
 
 
 @dataclass
@@ -65,7 +65,7 @@ class EmbedAreaConfig:
     formats: list[str] = field(default_factory=lambda: ["cog", "zarr"])
     int8: bool = False
     preview: bool = True
-    preview_detile: bool = True  # the PNG leaves out the tiling's position component (serve/assemble.py)
+    preview_detile: bool = True  # the PNG leaves out the tiling's position component (serve/mapping/assemble.py)
     block_tokens: int = 64  # output block (tokens per side): GeoTIFF / zarr blocks; the mosaic is written in bands of it
     s3_endpoint: str | None = None
     fail_tiles: list[str] = field(default_factory=list)  # tile ids made to fail (tests of the failure path)
@@ -96,7 +96,7 @@ def check_config(cfg: EmbedAreaConfig) -> None:
 def make_source(cfg: EmbedAreaConfig, storage: Storage, grid: Grid | None = None, spec: dict | None = None):
     """The job's pixel source. On the driver (`grid`): finds and checks the input files of the area; on a worker
     (`spec`, from the driver's `source.spec()`): rebuilt from what the driver found, without listing or opening."""
-    from serve.sources import CorpusSource, GeoTiffSource
+    from pipelines.imagery.sources import CorpusSource, GeoTiffSource
 
     if cfg.geotiffs:
         return GeoTiffSource(cfg.geotiffs, cfg.months or None, storage, _checked=spec and spec["checked"])
@@ -106,7 +106,7 @@ def make_source(cfg: EmbedAreaConfig, storage: Storage, grid: Grid | None = None
 
 
 def plan(cfg: EmbedAreaConfig) -> tuple[Grid, list[Tile]]:
-    from serve.geo import area_grid
+    from serve.mapping.geo import area_grid
 
     crs, (x0, y0), w, h = area_grid(tuple(cfg.bbox), cfg.bbox_crs, cfg.crs, 10.0, snap=10.0 * cfg.patch_size)
     grid = Grid(crs, x0, y0, w, h)
@@ -137,7 +137,7 @@ class TileWorker:
         import threading
         from concurrent.futures import ThreadPoolExecutor
 
-        from olmoearth.config import from_dict
+        from pipelines.common.config import from_dict
 
         t0 = time.time()
         self.cfg = from_dict(EmbedAreaConfig, cfg)
@@ -150,7 +150,7 @@ class TileWorker:
         self.encoder_lock = threading.Lock()  # one forward at a time: calls overlap only in I/O
         self.embedder = self.session = None
         if self.cfg.engine == "ray_data":
-            from serve.model import Embedder
+            from serve.embedder import Embedder
 
             device = "cuda" if self.cfg.num_gpus_per_actor > 0 else "cpu"
             self.embedder = Embedder(self.cfg.model_uri, self.storage, device=device,
@@ -377,7 +377,7 @@ def embed_area(cfg: EmbedAreaConfig) -> dict:
 
     from tqdm import tqdm
 
-    from serve.assemble import StreamingMosaic
+    from serve.mapping.assemble import StreamingMosaic
 
     check_config(cfg)
     storage = Storage(cfg.s3_endpoint)
@@ -392,7 +392,7 @@ def embed_area(cfg: EmbedAreaConfig) -> dict:
     per_tile_km2 = grid.area_km2 / len(tiles)
     bar = tqdm(total=round(grid.area_km2, 2), unit="km²", desc="embedding", initial=round(skipped * per_tile_km2, 2))
 
-    # the mosaic is blended band by band in this driver while the workers encode (serve/assemble.py)
+    # the mosaic is blended band by band in this driver while the workers encode (serve/mapping/assemble.py)
     workdir = tempfile.mkdtemp(prefix="olmoearth-mosaic-")
     mosaic = StreamingMosaic(cfg, grid, tiles, storage, workdir)
     try:

@@ -1,4 +1,4 @@
-"""A realistic synthetic raw corpus, in exactly the original's raw layout (see pipelines/raw_layout.py).
+"""A realistic synthetic raw corpus, in exactly the original's raw layout (see pipelines/corpus/raw_layout.py).
 
     write_corpus(SynthConfig(num_samples=200, seed=0), "s3://raw", Storage(endpoint))
 
@@ -31,9 +31,9 @@ import numpy as np
 from tqdm import tqdm
 
 from olmoearth.modalities import MODALITIES, OSM_FEATURES, TILE_SIZE
-from pipelines import raw_layout as rl
-from pipelines.raster import geotiff_bytes
-from pipelines.storage import Storage, is_s3, join
+from pipelines.common.storage import Storage, is_s3, join
+from pipelines.corpus import raw_layout as rl
+from pipelines.corpus.raster import geotiff_bytes
 
 CLASSES = ("tree_cover", "shrubland", "grassland", "cropland", "built_up", "bare", "water", "wetland")
 WORLDCOVER_CODE = np.array([10, 20, 30, 40, 50, 60, 80, 90], np.uint8)

@@ -1,4 +1,4 @@
-"""The training stream: Parquet shards (pipelines/build.py) -> shuffled, cropped, masked, collated batches.
+"""The training stream: Parquet shards (pipelines/corpus/build.py) -> shuffled, cropped, masked, collated batches.
 
     ds = training_dataset(StreamConfig(shards_uri="s3://shards", batch_size=32), storage, epoch=3)
     for batch in iter_training_batches(ds, cfg):      # or ray.train.get_dataset_shard("train")
@@ -43,9 +43,9 @@ import numpy as np
 
 from olmoearth.masking import modality_cross_random, token_presence
 from olmoearth.modalities import MAX_TIMESTEPS, MODALITIES, NormStats
-from pipelines.build import FORMAT_VERSION, read_cell
-from pipelines.raster import cut_stored, grid_crop
-from pipelines.storage import Storage, join
+from pipelines.common.storage import Storage, join
+from pipelines.corpus.build import FORMAT_VERSION, read_cell
+from pipelines.corpus.raster import cut_stored, grid_crop
 
 SUB = 128  # training sample side, pixels (a quarter of a 256 x 256 cell)
 

@@ -16,8 +16,8 @@ import tempfile
 
 import torch
 
-from pipelines.storage import Storage, is_s3, join
-from pipelines.train import DS_TAG, REFERENCE_FILE, STATE_FILE, PretrainConfig, latest_checkpoint
+from pipelines.common.storage import Storage, is_s3, join
+from pipelines.pretrain.train import DS_TAG, REFERENCE_FILE, STATE_FILE, PretrainConfig, latest_checkpoint
 
 
 def resolve_checkpoint(storage: Storage, uri: str) -> str:
@@ -60,14 +60,14 @@ def export_encoder(checkpoint: str, out: str, storage: Storage, verify_atol: flo
     """Write the encoder of `checkpoint` to `out` (.safetensors); returns a summary dict."""
     from olmoearth import build_model, encode
     from olmoearth.checkpoint import load_encoder, save_encoder
-    from pipelines.stream import load_norm_stats
+    from pipelines.pretrain.stream import load_norm_stats
 
     ckpt = resolve_checkpoint(storage, checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         local = _download(storage, ckpt, os.path.join(tmp, "ckpt"))
         with open(os.path.join(local, STATE_FILE)) as fh:
             state = json.load(fh)
-        from olmoearth.config import from_dict
+        from pipelines.common.config import from_dict
 
         cfg = from_dict(PretrainConfig, state["config"])
         model = build_model(cfg.model.size)

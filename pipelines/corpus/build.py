@@ -14,7 +14,7 @@ Plan, then a Ray Data pipeline over *parts* (one part = one output shard):
    whatever the corpus size; docs/corpus.md);
 4. `ray.data.from_items(parts).map(build_part)`: each task reads its samples one by one (one GET per
    file; the next sample's files are fetched concurrently while this one is processed), validates them
-   (pipelines/raster.py), and appends one Parquet row group per sample to its shard through a streaming
+   (pipelines/corpus/raster.py), and appends one Parquet row group per sample to its shard through a streaming
    writer whose upload runs in a background thread, so a worker holds one sample at a time whatever the
    corpus size. On finishing, it writes `<out>/_done/part-NNNNNN.json` (sample ids, rejects with file and
    reason, bytes, per-band partial statistics). A rerun skips every part whose marker accounts for all
@@ -50,9 +50,9 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from olmoearth.modalities import MODALITIES
-from pipelines import raw_layout as rl
-from pipelines.raster import REASONS, RejectError, load_bandsets, stored_dtype, stored_resolution
-from pipelines.storage import Storage, is_s3, join
+from pipelines.common.storage import Storage, is_s3, join
+from pipelines.corpus import raw_layout as rl
+from pipelines.corpus.raster import REASONS, RejectError, load_bandsets, stored_dtype, stored_resolution
 
 FORMAT_VERSION = 2
 ALL_BANDS = [(m, b) for m, mod in MODALITIES.items() for b in mod.bands]  # 67, registry order

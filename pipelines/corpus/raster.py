@@ -22,8 +22,8 @@ from rasterio.errors import RasterioError
 from rasterio.io import MemoryFile
 
 from olmoearth.modalities import BASE_GSD, MODALITIES, TILE_SIZE, get_modality
-from pipelines import raw_layout as rl
-from pipelines.storage import Storage, is_s3
+from pipelines.common.storage import Storage, is_s3
+from pipelines.corpus import raw_layout as rl
 
 REASONS = {
     "bad_name": "file name does not follow EPSG:<code>_<col>_<row>_<resolution>.tif",
@@ -154,7 +154,7 @@ def sample_files(root_uri: str, sid: str) -> dict[str, list[str]]:
     }
 
 
-# How the build stores a bandset (pipelines/build.py, format 2): the raw dtype (lossless), except Sentinel-1,
+# How the build stores a bandset (pipelines/corpus/build.py, format 2): the raw dtype (lossless), except Sentinel-1,
 # which is stored in dB as float16 (NaN = nodata); at max(stored resolution, 10 m) (OSM 2.5 m is strided to 10 m
 # here, coarser bandsets keep their pixels and are repeated onto 10 m when read: `grid_crop`).
 

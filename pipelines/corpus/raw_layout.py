@@ -25,7 +25,7 @@ from collections import defaultdict
 import numpy as np
 
 from olmoearth.modalities import BASE_GSD, MAX_TIMESTEPS, MODALITIES, TILE_METRES, TILE_SIZE, get_modality
-from pipelines.storage import Storage, join
+from pipelines.common.storage import Storage, join
 
 # modality -> (numpy dtype of the raw GeoTIFF, nodata value); None: no nodata value (every value is data)
 RAW_FORMAT: dict[str, tuple[str, float | None]] = {

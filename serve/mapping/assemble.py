@@ -29,8 +29,8 @@ import time
 
 import numpy as np
 
-from pipelines.storage import Storage, is_s3, join
-from serve.tiling import Grid, Tile, tile_weights
+from pipelines.common.storage import Storage, is_s3, join
+from pipelines.imagery.grid import Grid, Tile, tile_weights
 
 TILE_DIR = "tiles"
 
@@ -120,7 +120,7 @@ class StreamingMosaic:
         return self.writer is not None
 
     def _open_writer(self, dim: int) -> None:
-        from serve.mosaic import MosaicWriter
+        from serve.mapping.mosaic import MosaicWriter
 
         cfg = self.cfg
         scale = None

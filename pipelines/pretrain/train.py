@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from olmoearth.layout import DECODER, ENCODER, MISSING
-from pipelines.deepspeed_config import (
+from pipelines.common.storage import Storage, is_s3, join, strip_scheme
+from pipelines.pretrain.engine import (
     OptimConfig,
     deepspeed_config,
     grad_accum_steps,
@@ -41,9 +42,8 @@ from pipelines.deepspeed_config import (
     resolve_precision,
     use_own_torch_extensions_dir,
 )
-from pipelines.metrics import ModelShape, RunningMeter, memory_bytes, peak_flops, train_step_flops
-from pipelines.storage import Storage, is_s3, join, strip_scheme
-from pipelines.stream import StreamConfig
+from pipelines.pretrain.stream import StreamConfig
+from pipelines.pretrain.throughput import ModelShape, RunningMeter, memory_bytes, peak_flops, train_step_flops
 
 DS_TAG = "ds"
 STATE_FILE = "train_state.json"
@@ -259,7 +259,7 @@ def epoch_iterator(cfg: PretrainConfig, storage: Storage, epoch: int, state: Tra
     rank; equal=True gives every rank the same number of batches, so no rank waits alone in a collective."""
     import torch.distributed as dist
 
-    from pipelines.stream import training_dataset
+    from pipelines.pretrain.stream import training_dataset
 
     if rank == 0:
         skip, later = state.resume_point()
@@ -278,10 +278,10 @@ def epoch_iterator(cfg: PretrainConfig, storage: Storage, epoch: int, state: Tra
 
 def indexed_batches(shard, cfg: PretrainConfig, device) -> Iterator[tuple[int, dict]]:
     """(batch index in the epoch, layout.py batch of torch tensors) from the stream's rows
-    ({"batch": pickled numpy batch, "index": int, ...}, see pipelines/stream.py)."""
+    ({"batch": pickled numpy batch, "index": int, ...}, see pipelines/pretrain/stream.py)."""
     import pickle
 
-    from pipelines.stream import to_torch
+    from pipelines.pretrain.stream import to_torch
 
     rows = shard.iter_batches(batch_size=1, batch_format="pyarrow", prefetch_batches=cfg.data.prefetch_batches)
     for table in rows:
@@ -301,7 +301,7 @@ def _gather_consumed(mine: list[int]) -> list[int]:
 
 
 def _save_history(storage: Storage, uri: str, history: list[dict]) -> None:
-    from pipelines.plots import loss_curve_png
+    from pipelines.pretrain.plots import loss_curve_png
 
     storage.write_text(join(uri, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in history))
     if history:
@@ -348,7 +348,7 @@ def train_loop(config: dict) -> None:
     from ray.train import Checkpoint
 
     from olmoearth import build_model
-    from pipelines.stream import load_norm_stats, num_batches
+    from pipelines.pretrain.stream import load_norm_stats, num_batches
 
     cfg: PretrainConfig = config["cfg"]
     entered = time.time()

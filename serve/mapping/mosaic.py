@@ -12,8 +12,8 @@ import os
 
 import numpy as np
 
-from serve.geo import quantise_int8
-from serve.tiling import Grid
+from pipelines.imagery.grid import Grid
+from serve.mapping.geo import quantise_int8
 
 PREVIEW_MAX_PX = 4096
 PREVIEW_MAX_BYTES = 512 * 2**20  # the float16 lattice of D-dim embeddings behind the preview
@@ -50,7 +50,7 @@ class MosaicWriter:
     def _open_tif(self):
         import rasterio
 
-        from serve.geo import embedding_profile
+        from serve.mapping.geo import embedding_profile
 
         dtype, nodata = ("int8", -128) if self.scale is not None else ("float32", float("nan"))
         prof = embedding_profile(_wkt(self.grid.crs), self.transform, self.w, self.h, self.dim, dtype, nodata)
@@ -138,7 +138,7 @@ class MosaicWriter:
 
     def write_block(self, by: int, bx: int, block: np.ndarray, preview_minus: np.ndarray | None = None) -> None:
         """block (bh, bw, D) float32, NaN nodata, placed at token row `by`, column `bx`. preview_minus (bh, bw, D):
-        subtracted from the block in the preview only (the job's tiling component, serve/assemble.py)."""
+        subtracted from the block in the preview only (the job's tiling component, serve/mapping/assemble.py)."""
         from rasterio.windows import Window
 
         bh, bw, _ = block.shape
@@ -154,7 +154,7 @@ class MosaicWriter:
     def close(self) -> dict[str, str]:
         out = {}
         if self.tif is not None:
-            from serve.geo import to_cog
+            from serve.mapping.geo import to_cog
 
             self.tif.close()
             cog = os.path.join(self.folder, "embeddings.tif")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from olmoearth.modalities import ENCODER_MODALITIES, MODALITIES
-from pipelines.storage import Storage, is_s3
+from pipelines.common.storage import Storage, is_s3
 
 
 def load_encoder_uri(uri: str, storage: Storage | None = None) -> tuple[torch.nn.Module, dict]:

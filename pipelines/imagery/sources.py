@@ -3,7 +3,7 @@ on the area's 10 m grid, with one `months` (T,) shared by the whole area.
 
     GeoTiffSource   a set of GeoTIFFs per modality (T*C bands each, time-major), in any CRS: each tile is
                     warped (nearest neighbour) onto the area grid; where files overlap the first one wins
-    CorpusSource    a raw corpus in the OlmoEarth layout (`pipelines.raw_layout`): the 2560 m UTM cells that
+    CorpusSource    a raw corpus in the OlmoEarth layout (`pipelines.corpus.raw_layout`): the 2560 m UTM cells that
                     meet the tile; the time range picks the timesteps by 30-day period
 
 Both are built twice: once on the driver, which finds and checks the files (`spec()` is what it found), and once
@@ -20,8 +20,8 @@ from collections import OrderedDict
 import numpy as np
 
 from olmoearth.modalities import BASE_GSD, MISSING_VALUE, MODALITIES
-from pipelines.storage import Storage
-from serve.tiling import Grid, Tile
+from pipelines.common.storage import Storage
+from pipelines.imagery.grid import Grid, Tile
 
 
 def months_in_range(start: str, end: str) -> list[int]:
@@ -172,7 +172,7 @@ def source_window(ds, bounds):
 
 
 class CorpusSource:
-    """The raw corpus layout (`pipelines.raw_layout`): UTM cells of 256 x 256 px (2560 m), each with its own run
+    """The raw corpus layout (`pipelines.corpus.raw_layout`): UTM cells of 256 x 256 px (2560 m), each with its own run
     of 30-day periods. The area's timeline is the 30-day periods from time_start to time_end (<= 12); a cell's
     image lands in the period holding the middle day of its slot on the cell's timeline (as `read_sample` puts
     it: slots of 30 days from the cell's first image; the first image wins if two land in one period), periods a
@@ -202,7 +202,7 @@ class CorpusSource:
         self.handles = Handles(storage)
 
     def _set_time(self, time_start: str, time_end: str) -> None:
-        from pipelines import raw_layout as rl
+        from pipelines.corpus import raw_layout as rl
 
         self.time = (time_start, time_end)
         self.start, self.end = dt.date.fromisoformat(time_start), dt.date.fromisoformat(time_end)
@@ -219,7 +219,7 @@ class CorpusSource:
     def _default_time(self, found: dict, table: dict, time_start: str, time_end: str) -> tuple[str, str]:
         """12 periods of 30 days from time_start, up to time_end, or, with neither, the 12 periods starting on an
         image's start date that hold the most images of the area's cells (the earliest such window)."""
-        from pipelines import raw_layout as rl
+        from pipelines.corpus import raw_layout as rl
 
         span = dt.timedelta(days=12 * rl.PERIOD_DAYS - 1)
         if time_start:
@@ -237,7 +237,7 @@ class CorpusSource:
 
     def _find(self, grid: Grid) -> tuple[dict, dict]:
         """({sid: {modality: {resolution: uri}}} of the cells meeting `grid`, the timestep table of modalities)."""
-        from pipelines import raw_layout as rl
+        from pipelines.corpus import raw_layout as rl
 
         if grid is None:
             raise ValueError("CorpusSource: give the area's grid (driver) or a plan (worker)")
@@ -273,7 +273,7 @@ class CorpusSource:
 
     def _build(self, found: dict, table: dict) -> dict:
         """Per cell: its corner and, per bandset file, which bands (timesteps in range) land in which period."""
-        from pipelines import raw_layout as rl
+        from pipelines.corpus import raw_layout as rl
 
         cells = {}
         for sid, by_mod in sorted(found.items()):
@@ -299,7 +299,7 @@ class CorpusSource:
 
     def _images_in_range(self, periods: list, t0: dt.date) -> list[tuple[int, int]]:
         """[(image_idx, period k of the area's timeline)] of the images whose slot's middle day is in range."""
-        from pipelines import raw_layout as rl
+        from pipelines.corpus import raw_layout as rl
 
         taken, out = set(), []
         for idx, start, _end in sorted(periods, key=lambda p: (round((p[1] - t0).days / rl.PERIOD_DAYS), p[0])):
@@ -312,7 +312,7 @@ class CorpusSource:
         return out
 
     def read(self, tile: Tile, grid: Grid) -> dict[str, np.ndarray]:
-        from pipelines.raw_layout import TILE_SIZE
+        from pipelines.corpus.raw_layout import TILE_SIZE
 
         r = grid.resolution
         left, bottom, right, top = tile.bounds(grid)
@@ -347,7 +347,7 @@ class CorpusSource:
         -> (len(bands), h, w) float32 in model units on the 10 m grid (coarser pixels repeated)."""
         from rasterio.windows import Window
 
-        from pipelines.raster import to_model_units
+        from pipelines.corpus.raster import to_model_units
 
         ds = self.handles.get(uri)
         f = int(round(res / BASE_GSD))
