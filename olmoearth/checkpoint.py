@@ -12,12 +12,20 @@ import dataclasses
 import json
 import os
 
+import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
 from olmoearth.modalities import MODALITIES, NormStats
 
 FORMAT = "olmoearth-encoder/1"
+
+# A pretraining checkpoint folder (one per saved step): the DeepSpeed checkpoint under tag DS_TAG, the
+# training state (step, config, metrics history) and, in the final one, a reference batch with the
+# encoder's output on it (export checks that the exported encoder reproduces it).
+DS_TAG = "ds"
+STATE_FILE = "train_state.json"
+REFERENCE_FILE = "reference.pt"
 
 
 def modality_registry() -> dict:
@@ -85,3 +93,20 @@ def load_encoder(path_or_bytes, map_location: str = "cpu"):
     encoder.config = config
     encoder.checkpoint_meta = json.loads(meta.get("extra", "{}"))
     return encoder.to(map_location)
+
+
+def consolidated_state_dict(local_dir: str) -> dict[str, torch.Tensor]:
+    """fp32 weights of the whole model from a DeepSpeed checkpoint of any ZeRO stage: the trained parameters
+    are the fp32 master weights of the optimiser shards (zero_to_fp32); frozen parameters and buffers come
+    from rank 0's model states (ZeRO 1 leaves frozen parameters out of the optimiser shards; under ZeRO 3
+    the model states hold only empty placeholders, and zero_to_fp32 restores frozen ones itself)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ds_dir = os.path.join(local_dir, DS_TAG)
+    names = sorted(f for f in os.listdir(ds_dir) if f.endswith("model_states.pt"))
+    if not names:
+        raise FileNotFoundError(f"no DeepSpeed model states in {ds_dir}")
+    states = torch.load(os.path.join(ds_dir, names[0]), map_location="cpu", weights_only=False)
+    sd = {k: v for k, v in (states.get("module") or {}).items() if v.numel() > 0}
+    sd.update(get_fp32_state_dict_from_zero_checkpoint(local_dir, tag=DS_TAG))
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}

@@ -16,8 +16,9 @@ import tempfile
 
 import torch
 
+from olmoearth.checkpoint import REFERENCE_FILE, STATE_FILE, consolidated_state_dict
 from pipelines.common.storage import Storage, is_s3, join
-from pipelines.pretrain.train import DS_TAG, REFERENCE_FILE, STATE_FILE, PretrainConfig, latest_checkpoint
+from pipelines.pretrain.train import PretrainConfig, latest_checkpoint
 
 
 def resolve_checkpoint(storage: Storage, uri: str) -> str:
@@ -37,23 +38,6 @@ def _download(storage: Storage, uri: str, local: str) -> str:
     fs = storage.fs(uri)
     fs.get(uri.rstrip("/") + "/", local, recursive=True)
     return local
-
-
-def consolidated_state_dict(local_dir: str) -> dict[str, torch.Tensor]:
-    """fp32 weights of the whole model from a DeepSpeed checkpoint of any ZeRO stage: the trained parameters
-    are the fp32 master weights of the optimiser shards (zero_to_fp32); frozen parameters and buffers come
-    from rank 0's model states (ZeRO 1 leaves frozen parameters out of the optimiser shards; under ZeRO 3
-    the model states hold only empty placeholders, and zero_to_fp32 restores frozen ones itself)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    ds_dir = os.path.join(local_dir, DS_TAG)
-    names = sorted(f for f in os.listdir(ds_dir) if f.endswith("model_states.pt"))
-    if not names:
-        raise FileNotFoundError(f"no DeepSpeed model states in {ds_dir}")
-    states = torch.load(os.path.join(ds_dir, names[0]), map_location="cpu", weights_only=False)
-    sd = {k: v for k, v in (states.get("module") or {}).items() if v.numel() > 0}
-    sd.update(get_fp32_state_dict_from_zero_checkpoint(local_dir, tag=DS_TAG))
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
 
 
 def export_encoder(checkpoint: str, out: str, storage: Storage, verify_atol: float = 1e-4) -> dict:

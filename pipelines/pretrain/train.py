@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from olmoearth.checkpoint import DS_TAG, REFERENCE_FILE, STATE_FILE
 from olmoearth.layout import DECODER, ENCODER, MISSING
 from pipelines.common.storage import Storage, is_s3, join, strip_scheme
 from pipelines.pretrain.engine import (
@@ -44,11 +45,6 @@ from pipelines.pretrain.engine import (
 )
 from pipelines.pretrain.stream import StreamConfig
 from pipelines.pretrain.throughput import ModelShape, RunningMeter, memory_bytes, peak_flops, train_step_flops
-
-DS_TAG = "ds"
-STATE_FILE = "train_state.json"
-REFERENCE_FILE = "reference.pt"
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration
