@@ -27,6 +27,7 @@ import os
 
 import torch
 from olmoearth_pretrain_minimal.model_loader import load_model_from_path
+from olmoearth_pretrain_minimal.olmoearth_pretrain_v1.nn import flexi_vit, searchlight
 from olmoearth_pretrain_minimal.olmoearth_pretrain_v1.nn.flexi_vit import (
     EncoderConfig,
     PoolingType,
@@ -34,6 +35,20 @@ from olmoearth_pretrain_minimal.olmoearth_pretrain_v1.nn.flexi_vit import (
 )
 from olmoearth_pretrain_minimal.olmoearth_pretrain_v1.nn.latent_mim import LatentMIMConfig
 from olmoearth_pretrain_minimal.olmoearth_pretrain_v1.utils.datatypes import MaskedOlmoEarthSample, MaskValue
+
+
+def _modalities_in_supported_order(available_modalities: list[str], supported_modality_names: list[str]):
+    """The original's get_modalities_to_process returns list(set(supported) & set(available)), whose order
+    follows PYTHONHASHSEED; parts of its encoder and predictor pair that list with lists in another order, so
+    for a few percent of seeds (e.g. 69 and 79 for the predictor, 122 and 346 for the encoder) one modality's
+    outputs come back under another's name. Tests and benches use one fixed order: the supported modalities
+    that are available, in supported order (the released models' order when no set reorders it)."""
+    available = set(available_modalities)
+    return [m for m in supported_modality_names if m in available]
+
+
+flexi_vit.get_modalities_to_process = _modalities_in_supported_order
+searchlight.get_modalities_to_process = _modalities_in_supported_order
 
 # v1 sizes (the original's MODEL_SIZE_ARGS "<size>_shallow_decoder"): enc dim, enc depth, enc heads, dec depth
 SIZES = {
@@ -85,19 +100,28 @@ def build_original(size: str, seed: int = 0, perturb: bool = True) -> torch.nn.M
     torch.manual_seed(seed)
     model = original_config(size).build().eval()
     if perturb:
-        g = torch.Generator().manual_seed(seed + 1)
-        for name, p in model.named_parameters():
-            if "month_embed" in name:  # fixed sin-cos table, not learned
-                continue
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("norm.weight") or ".norm1.weight" in name or ".norm2.weight" in name:
-                p.copy_(1.0 + 0.1 * noise)
-            elif "channel_embeddings" in name or name.endswith("mask_token"):
-                p.copy_(0.5 * noise)
-            elif name.endswith(".bias"):
-                p.copy_(0.02 * noise)
-            else:
-                p.add_(0.01 * noise)
+        perturb_weights(model, seed + 1)
+    return model
+
+
+@torch.no_grad()
+def perturb_weights(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random values for the parameters the original initialises to constants (channel embeddings and mask
+    token at 0, LayerNorms at 1/0, biases at 0) and a small random change to every other one (so a frozen
+    target encoder differs from the online one, as in a trained checkpoint)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "month_embed" in name:  # fixed sin-cos table, not learned
+            continue
+        noise = torch.randn(p.shape, generator=g)
+        if name.endswith("norm.weight") or ".norm1.weight" in name or ".norm2.weight" in name:
+            p.copy_(1.0 + 0.1 * noise)
+        elif "channel_embeddings" in name or name.endswith("mask_token"):
+            p.copy_(0.5 * noise)
+        elif name.endswith(".bias"):
+            p.copy_(0.02 * noise)
+        else:
+            p.add_(0.01 * noise)
     return model
 
 
