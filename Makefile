@@ -1,10 +1,11 @@
 # One entry point for a fresh machine: `make demo` (end to end) and `make test` (the whole suite).
+# `make test-fast`: the unit tests only (no Ray cluster, S3 server or DeepSpeed engine), for quick checks.
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test test-fast demo lint bench clean
 
 install: $(STAMP)
 
@@ -18,6 +19,9 @@ $(STAMP): pyproject.toml
 
 test: install
 	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q tests
+
+test-fast: install
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q -m "not integration and not slow" tests
 
 demo: install
 	DS_ACCELERATOR=cpu $(BIN)/python -m ray_jobs.demo $(if $(DEMO_FAST),--fast true,) $(if $(DEMO_OUT),--out $(DEMO_OUT),)

@@ -51,8 +51,8 @@ def main() -> None:
     from pipelines.common.local_s3 import SeaweedServer
     from pipelines.common.storage import Storage
     from pipelines.corpus.build import BuildConfig, build_corpus
-    from pipelines.corpus.raster import read_geotiff
     from pipelines.corpus.synth import SynthConfig, write_corpus
+    from pipelines.imagery.geotiff import read_geotiff
     from pipelines.pretrain.stream import StreamConfig, iter_training_batches, training_dataset
 
     tmp = tempfile.mkdtemp(prefix="bench-corpus-")
@@ -90,7 +90,7 @@ def main() -> None:
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         t = time.time()
         s = build_corpus(
-            BuildConfig(raw_uri=raw, out_uri=out, s3_endpoint=server.endpoint,
+            BuildConfig(raw_uri=raw, out_uri=out,
                         samples_per_shard=args.samples_per_shard), storage
         )  # fmt: skip
         dt_build = time.time() - t

@@ -30,22 +30,23 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 from original_models import build_original, original_encode, random_inputs, write_original_folder  # noqa: E402
 
-from olmoearth.convert import convert, load_model  # noqa: E402
+from olmoearth.convert import convert  # noqa: E402
 from olmoearth.layout import ENCODER, MISSING  # noqa: E402
+from olmoearth.loading import load_model  # noqa: E402
 from olmoearth.modalities import MODALITIES  # noqa: E402
 from pipelines.common.config import load_config  # noqa: E402
 
 
 @dataclass
 class BenchConfig:
-    size: str = "base"
-    batch: int = 2
+    size: str = "base"  # v1 model size: nano | tiny | base | large
+    batch: int = 2  # samples per forward
     pixels: int = 32  # H = W
-    timesteps: int = 4
-    patch_size: int = 4
-    repeats: int = 3
-    device: str = "cpu"
-    threshold: float = 1e-4
+    timesteps: int = 4  # timesteps per sample
+    patch_size: int = 4  # encoder patch size, 1..8
+    repeats: int = 3  # timed forwards per side (after one warm-up)
+    device: str = "cpu"  # torch device of both models
+    threshold: float = 1e-4  # largest max |diff| that counts as parity
 
 
 def timed(fn, repeats: int, device: str) -> tuple[float, object]:

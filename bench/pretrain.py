@@ -1,13 +1,13 @@
 """Pretraining throughput, side by side in one run, on a synthetic corpus in local files:
 
-1. this job (`pipelines.pretrain.train.fit`: Ray Train + DeepSpeed ZeRO-2, the Ray Data stream), 1 worker
+1. this job (`pipelines.pretrain.job.fit`: Ray Train + DeepSpeed ZeRO-2, the Ray Data stream), 1 worker
    -> tokens/s per worker;
 2. a plain single-process PyTorch loop over the same model, the same batches in the same order, the same
    AdamW groups, schedule and clipping, fed by a torch DataLoader (1 worker process) that runs the same
    batch-making code as the stream (`pipelines.pretrain.stream.window_batches`: read, crop, mask, normalise,
    collate) -> tokens/s. This is the target's baseline: what the job adds over plain PyTorch is Ray Train,
    DeepSpeed and Ray Data, not the batch-making work, which any loop has to do somewhere. On a 2-core machine
-   that work, on the other core, slows the training thread by 5-12 % (shared core resources), in both loops;
+   that work, on the other core, slows the training thread somewhat (shared core resources), in both loops;
 3. the same plain loop over the batches read into memory beforehand (no data work at all while training):
    the upper bound, reported beside it;
    both plain loops run before, between and after the jobs and the mean of the three counts is taken (the
@@ -25,11 +25,11 @@ Every training process uses one torch thread, so "per worker" compares like with
 first logging interval (start-up: worker group, DeepSpeed, the stream's first batches) is left out of
 every rate, and the same steps are left out of the plain loop; the start-up is printed separately, split
 into its parts. The cores the whole machine kept busy during each part are printed too (`*_busy_cores`,
-from /proc/stat): a part that used more than its own share ran beside other load. The corpus holds one epoch of `--steps` batches, so no epoch restart falls inside the
-measurement. DeepSpeed's per-step bookkeeping (gradient hooks, flattening, the global norm) is a fixed
-~15-40 ms on nano's 165 parameter tensors whatever the batch, so the ratio depends on the step's size: the
-default micro batch of 8 samples (~0.45 s steps here) is the CPU config's 4 doubled, still far below the
-original's 32 per GPU; `--micro_batch 4` measures the smaller step.
+from /proc/stat): a part that used more than its own share ran beside other load. The corpus holds one
+epoch of `--steps` batches, so no epoch restart falls inside the measurement. DeepSpeed's per-step
+bookkeeping (gradient hooks, flattening, the global norm) is a fixed cost per parameter tensor whatever the
+batch, so the ratio depends on the step's size: the default micro batch of 8 samples is the CPU config's 4
+doubled, still far below the original's 32 per GPU; `--micro_batch 4` measures the smaller step.
 
     DS_ACCELERATOR=cpu python bench/pretrain.py [--steps 80] [--log_every 5] [--micro_batch 8] [--size nano]
 """
@@ -83,7 +83,8 @@ class BusyCores:
 
 def run_job(cfg, storage) -> dict:
     """Run the job; its steady-state rates from the metrics rows it logged (first interval left out)."""
-    from pipelines.pretrain.train import fit, run_uri
+    from pipelines.pretrain.config import run_uri
+    from pipelines.pretrain.job import fit
 
     busy = BusyCores()
     started = time.time()
@@ -176,7 +177,7 @@ def deepspeed_step_fn(cfg):
     """One optimiser step of a DeepSpeed engine built as the job's workers build it (`build_engine`, same
     config), in this process, without Ray."""
     from olmoearth import build_model
-    from pipelines.pretrain.train import build_engine
+    from pipelines.pretrain.worker import build_engine
 
     torch.manual_seed(cfg.train.seed)
     engine = build_engine(cfg, build_model(cfg.model.size), 1, 1, False, "fp32")
@@ -281,17 +282,18 @@ def main() -> None:
     import ray
 
     from pipelines.common.config import from_dict
+    from pipelines.common.ray_start import init_ray
     from pipelines.common.storage import Storage
     from pipelines.corpus.build import BuildConfig, build_corpus
     from pipelines.corpus.synth import SynthConfig, write_corpus
+    from pipelines.pretrain.config import PretrainConfig
     from pipelines.pretrain.stream import iter_training_batches, num_batches, training_dataset
-    from pipelines.pretrain.train import PretrainConfig
 
     torch.set_num_threads(1)
     load_at_start = os.getloadavg()[0]
     tmp = tempfile.mkdtemp(prefix="bench_pretrain_")
     storage = Storage()
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=8, address="local", log_to_driver=False)
     try:
         shards = args.shards or f"{tmp}/shards"
         if not args.shards:

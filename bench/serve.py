@@ -48,9 +48,11 @@ def make_corpus(storage, root: str, cells: int, start: str) -> dict:
     return {"bbox": [left, top - cells * 2560.0, left + cells * 2560.0, top]}
 
 
-def bench_area(args, storage, endpoint: str) -> None:
+def bench_area(args, storage) -> None:
     from serve.embedder import Embedder
-    from serve.mapping.embed_area import EmbedAreaConfig, embed_area, make_source, plan
+    from serve.mapping.config import EmbedAreaConfig
+    from serve.mapping.embed_area import embed_area
+    from serve.mapping.plan import make_source, plan
 
     bucket = f"s3://bench-{uuid.uuid4().hex[:8]}"
     start = dt.date(2021, 6, 1)
@@ -62,11 +64,11 @@ def bench_area(args, storage, endpoint: str) -> None:
                           time_start=start.isoformat(), time_end=end.isoformat(), model_uri=args.model,
                           patch_size=args.patch, tile_size=args.tile, overlap=args.overlap, num_actors=1,
                           batch_size=args.batch, out=bucket + "/emb", formats=["cog"], preview=False,
-                          s3_endpoint=endpoint, torch_threads=args.threads, num_cpus_per_actor=1.0)  # fmt: skip
+                          torch_threads=args.threads, num_cpus_per_actor=1.0)  # fmt: skip
     # the bare forward over the same tiles: pixels read beforehand (not timed) into memory, same model, torch
     # threads and batch size, in this process; timed before and after the job, since other load drifts
     grid, tiles = plan(cfg)
-    source = make_source(cfg, storage, grid=grid)
+    source = make_source(cfg, storage, grid)
     xs = [source.read(t, grid) for t in tiles]
     embedder = Embedder(args.model, num_threads=args.threads)
     months = np.tile(source.months, (args.batch, 1))
@@ -185,7 +187,7 @@ def main() -> int:
     ap.add_argument("--overlap", type=int, default=16)
     ap.add_argument("--patch", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8)
-    # 1 thread: on a loaded machine two OpenMP threads per forward ran 2-10x slower than one
+    # 1 thread: on a loaded machine more OpenMP threads per forward contend for the same cores
     ap.add_argument("--threads", type=int, default=1, help="torch threads per encoder, both sides")
     ap.add_argument("--requests", type=int, default=20, help="requests per client")
     ap.add_argument("--model", default="random:nano")
@@ -208,7 +210,7 @@ def main() -> int:
             ray.data.DataContext.get_current().enable_progress_bars = False
             print(f"load_average_before: {os.getloadavg()[0]:.2f}")
             if not args.skip_area:
-                bench_area(args, Storage(s3.endpoint), s3.endpoint)
+                bench_area(args, Storage())
             if not args.skip_endpoint:
                 bench_endpoint(args)
             print(f"load_average_after: {os.getloadavg()[0]:.2f}")

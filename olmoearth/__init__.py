@@ -1,17 +1,20 @@
-"""OlmoEarth v1 model library: `build_model`, `encode`, `ModelConfig`, `NormStats`, `MODALITIES`.
+"""OlmoEarth v1 model library: `build_model`, `load`, `encode`, `ModelConfig`, `NormStats`, `MODALITIES`.
 
 Importing the package stays light (numpy only); torch-backed names load on first use.
 """
 
 from olmoearth.modalities import MODALITIES, NormStats
 
-__all__ = ["build_model", "encode", "ModelConfig", "NormStats", "MODALITIES", "load_encoder", "save_encoder"]
+__all__ = ["build_model", "load", "load_model", "encode", "ModelConfig", "NormStats", "MODALITIES",
+           "load_encoder", "save_encoder"]
 
 _LAZY = {
     "build_model": "olmoearth.model",
     "ModelConfig": "olmoearth.model",
     "LatentMIM": "olmoearth.model",
     "encode": "olmoearth.inference",
+    "load": "olmoearth.loading",
+    "load_model": "olmoearth.loading",
     "save_encoder": "olmoearth.checkpoint",
     "load_encoder": "olmoearth.checkpoint",
 }
@@ -23,6 +26,3 @@ def __getattr__(name):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'olmoearth' has no attribute {name!r}")
-
-
-_LAZY["load_model"] = "olmoearth.convert"  # load_model: original folders and this project's checkpoints (H2)

@@ -1,9 +1,17 @@
-"""The encoder checkpoint: ONE safetensors file = encoder weights + its ModelConfig, NormStats and the
-modality registry in the metadata (string -> JSON string).
+"""This project's model files, and the layout of a pretraining checkpoint folder.
+
+A model file is ONE safetensors file: the weights, and in the metadata (string -> JSON string) the ModelConfig,
+the NormStats, the modality registry and free `extra` facts (step, source, ...). Two kinds, one writer and one
+reader for both:
+
+    olmoearth-encoder/1   the encoder alone (what serving, evaluation and the area job need)
+    olmoearth-model/1     the whole LatentMIM: encoder, decoder and the frozen target projection
 
     save_encoder(model.encoder, "enc.safetensors", extra_meta={"step": 1000})
-    encoder = load_encoder("enc.safetensors")    # or load_encoder(open(..., "rb").read())
+    encoder = load_encoder("enc.safetensors")    # or the file's bytes; a whole-model file gives its encoder
     encoder.norm_stats, encoder.config, encoder.checkpoint_meta
+
+`olmoearth.load` (loading.py) takes any source: these files, checkpoint folders, original v1 folders.
 """
 
 from __future__ import annotations
@@ -13,12 +21,11 @@ import json
 import os
 
 import torch
-from safetensors.torch import load as load_bytes
-from safetensors.torch import save_file
 
 from olmoearth.modalities import MODALITIES, NormStats
 
 FORMAT = "olmoearth-encoder/1"
+MODEL_FORMAT = "olmoearth-model/1"
 
 # A pretraining checkpoint folder (one per saved step): the DeepSpeed checkpoint under tag DS_TAG, the
 # training state (step, config, metrics history) and, in the final one, a reference batch with the
@@ -26,6 +33,10 @@ FORMAT = "olmoearth-encoder/1"
 DS_TAG = "ds"
 STATE_FILE = "train_state.json"
 REFERENCE_FILE = "reference.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or converted; the message names the file and the key."""
 
 
 def modality_registry() -> dict:
@@ -36,63 +47,117 @@ def modality_registry() -> dict:
     }
 
 
-def save_encoder(encoder, path: str, extra_meta: dict | None = None) -> None:
-    """Write encoder weights + config + norm stats + modality registry to one safetensors file."""
-    config = getattr(encoder, "config", None)
-    if config is None:
-        raise ValueError("save_encoder: encoder has no .config (build it with build_model)")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_file(fmt: str, module: torch.nn.Module, encoder, path: str, extra_meta: dict | None, fs=None) -> None:
+    """The one writer: `module`'s weights + `encoder`'s config and norm stats as a `fmt` file at `path`
+    (local: written aside and renamed, so a reader never sees half a file; or through fsspec `fs`)."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     meta = {
-        "format": FORMAT,
-        "config": json.dumps(dataclasses.asdict(config)),
+        "format": fmt,
+        "config": json.dumps(dataclasses.asdict(encoder.config)),
         "norm_stats": json.dumps(encoder.norm_stats.to_dict()),
         "modalities": json.dumps(modality_registry()),
         "extra": json.dumps(extra_meta or {}),
     }
+    data = save(tensors, metadata=meta)
+    if fs is not None:
+        with fs.open(path, "wb") as fh:
+            fh.write(data)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata=meta)
+    with open(tmp, "wb") as fh:
+        fh.write(data)
     os.replace(tmp, path)
 
 
-def read_metadata(data: bytes) -> dict:
+def save_encoder(encoder, path: str, extra_meta: dict | None = None, fs=None) -> None:
+    """Write encoder weights + config + norm stats + modality registry to one safetensors file."""
+    write_file(FORMAT, encoder, encoder, path, extra_meta, fs)
+
+
+def save_model(model, path: str, extra_meta: dict | None = None, fs=None) -> None:
+    """Write the whole model (encoder + decoder + frozen target projection) to one safetensors file."""
+    write_file(MODEL_FORMAT, model, model.encoder, path, extra_meta, fs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_metadata(data: bytes, name: str = "<bytes>") -> dict:
     """The __metadata__ of a safetensors blob (8-byte little-endian header length, then JSON)."""
     if len(data) < 8:
-        raise ValueError("not a safetensors file: shorter than its 8-byte header")
+        raise CheckpointError(f"{name}: not a safetensors file: shorter than its 8-byte header")
     n = int.from_bytes(data[:8], "little")
     try:
         header = json.loads(data[8 : 8 + n])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"not a safetensors file: bad header ({e})") from None
+        raise CheckpointError(f"{name}: not a safetensors file: bad header ({e})") from None
     return header.get("__metadata__", {})
 
 
-def load_encoder(path_or_bytes, map_location: str = "cpu"):
-    """Rebuild the Encoder saved by save_encoder (from a local path or the file's bytes)."""
-    from olmoearth.model import ModelConfig, build_encoder
+def load_file(data: bytes, name: str = "<bytes>"):
+    """The module of a model file's bytes: an Encoder (olmoearth-encoder/1) or a LatentMIM (olmoearth-model/1),
+    in eval mode, its encoder carrying the file's config, norm stats and extra facts."""
+    from safetensors.torch import load
 
-    name = "<bytes>"
+    from olmoearth.encoder import Encoder
+    from olmoearth.model import LatentMIM, ModelConfig
+
+    meta = read_metadata(data, name)
+    fmt = meta.get("format")
+    if fmt not in (FORMAT, MODEL_FORMAT):
+        raise CheckpointError(f"{name}: unknown checkpoint format {fmt!r} (expected {MODEL_FORMAT!r}, "
+                              f"{FORMAT!r} or an original folder)")
+    if json.loads(meta.get("modalities", "null")) != modality_registry():
+        raise CheckpointError(f"{name}: saved with a different modality registry than this code's")
+    config = ModelConfig.from_dict(json.loads(meta["config"]))
+    norm_stats = NormStats.from_dict(json.loads(meta["norm_stats"]))
+    if fmt == FORMAT:
+        module = Encoder(config, norm_stats)
+    else:
+        module = LatentMIM(config, norm_stats)
+    load_weights(module, load(data), name)
+    encoder = module if fmt == FORMAT else module.encoder
+    encoder.checkpoint_meta = json.loads(meta.get("extra", "{}"))
+    return module.eval()
+
+
+def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], name: str) -> None:
+    """Load `tensors` strictly, naming the first tensor that is missing, extra or mis-shaped."""
+    ours = module.state_dict()
+    for k in ours:
+        if k not in tensors:
+            raise CheckpointError(f"{name}: missing tensor {k!r}")
+        if tuple(tensors[k].shape) != tuple(ours[k].shape):
+            raise CheckpointError(f"{name}: tensor {k!r} has shape {tuple(tensors[k].shape)}, "
+                                  f"the model needs {tuple(ours[k].shape)}")
+    extra = sorted(set(tensors) - set(ours))
+    if extra:
+        raise CheckpointError(f"{name}: extra tensor {extra[0]!r} (and {len(extra) - 1} more)")
+    module.load_state_dict(tensors, strict=True)
+
+
+def load_encoder(path_or_bytes, map_location: str = "cpu"):
+    """The Encoder of a model file (a local path or the file's bytes), on `map_location`, in eval mode."""
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
-        data = bytes(path_or_bytes)
+        data, name = bytes(path_or_bytes), "<bytes>"
     else:
         name = str(path_or_bytes)
         with open(name, "rb") as fh:
             data = fh.read()
-    meta = read_metadata(data)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{name}: not an OlmoEarth encoder checkpoint (format {meta.get('format')!r})")
-    saved_mods = json.loads(meta["modalities"])
-    if saved_mods != modality_registry():
-        raise ValueError(f"{name}: saved with a different modality registry than this code's")
-    config = ModelConfig.from_dict(json.loads(meta["config"]))
-    encoder = build_encoder(config)
-    tensors = load_bytes(data)
-    missing, unexpected = encoder.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{name}: weights do not fit the encoder (missing {missing}, unexpected {unexpected})")
-    encoder.norm_stats = NormStats.from_dict(json.loads(meta["norm_stats"]))
-    encoder.config = config
-    encoder.checkpoint_meta = json.loads(meta.get("extra", "{}"))
-    return encoder.to(map_location)
+    module = load_file(data, name)
+    return getattr(module, "encoder", module).to(map_location)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pretraining checkpoint folders
 
 
 def consolidated_state_dict(local_dir: str) -> dict[str, torch.Tensor]:

@@ -7,10 +7,10 @@ An original checkpoint is a folder with `config.json` (the training config; the 
     checks that the config is a v1 model this project implements (refusing, by key, anything else),
     maps every tensor through an explicit name table onto this project's model (refusing, by key, a
     missing, extra or mis-shaped tensor),
-    and writes / loads this project's checkpoint format.
+    and `convert` writes the result in this project's format (olmoearth/checkpoint.py).
 
-`load_model(path)` reads either format. No Ray, no s3 endpoint handling here: the `olmoearth convert` job
-(ray_jobs/convert.py) passes an fsspec filesystem for s3:// URIs.
+`olmoearth.load` reads original folders through `from_original`. No Ray and no storage settings here: the
+`olmoearth convert` job (ray_jobs/convert.py) passes an fsspec filesystem for s3:// URIs.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from olmoearth.checkpoint import CheckpointError
 from olmoearth.modalities import MAX_PATCH_SIZE, MODALITIES
 
 ORIGINAL_CONFIG = "config.json"
@@ -32,10 +33,6 @@ ORIGINAL_WEIGHTS = "weights.pth"
 TRAINING_ONLY_PREFIXES = ("supervision_head.", "location_token_distillation_head.")
 # v1 sizes by (dim, depth, heads), for naming only
 KNOWN_SIZES = {(128, 4, 8): "nano", (192, 12, 3): "tiny", (768, 12, 12): "base", (1024, 24, 16): "large"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be converted; the message names the file and the key."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,145 +299,27 @@ def convert_state_dict(state: dict[str, torch.Tensor], spec: OriginalSpec, model
 
 
 def from_original(src: str, fs=None):
-    """An original checkpoint folder -> this project's LatentMIM with its weights (eval mode)."""
-    from olmoearth.modalities import NormStats
+    """An original checkpoint folder -> this project's LatentMIM with its weights (eval mode). Its encoder
+    normalises with NormStats.default(), the original's computed.json statistics."""
     from olmoearth.model import LatentMIM
 
     spec, state = read_original(src, fs)
     model = LatentMIM(model_config(spec))
     model.load_state_dict(convert_state_dict(state, spec, model, where=_join(src, ORIGINAL_WEIGHTS)), strict=True)
-    model.encoder.norm_stats = NormStats.default()  # the original's computed.json statistics
-    model.encoder.config = model.config
-    model.converted_from = {"source": src, "size": spec.size,
-                            "encoder_modalities": list(spec.encoder_modalities)}
+    model.encoder.checkpoint_meta = {"source": src, "size": spec.size,
+                                     "encoder_modalities": list(spec.encoder_modalities)}
     return model.eval()
-
-
-# --------------------------------------------------------------------------------------------------
-# This project's full checkpoint: ONE safetensors file = the LatentMIM state dict (encoder.*, decoder.*,
-# target_projection.*) + ModelConfig, NormStats and modality registry in the metadata (as save_encoder).
-
-MODEL_FORMAT = "olmoearth-model/1"
-
-
-def save_model(model, path: str, extra_meta: dict | None = None, fs=None) -> None:
-    """Write the whole model (encoder + decoder + frozen target projection) to one safetensors file."""
-    import dataclasses
-
-    from safetensors.torch import save
-
-    from olmoearth.checkpoint import modality_registry
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {
-        "format": MODEL_FORMAT,
-        "config": json.dumps(dataclasses.asdict(model.config)),
-        "norm_stats": json.dumps(model.encoder.norm_stats.to_dict()),
-        "modalities": json.dumps(modality_registry()),
-        "extra": json.dumps(extra_meta or {}),
-    }
-    data = save(tensors, metadata=meta)
-    if fs is None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    else:
-        with fs.open(path, "wb") as fh:
-            fh.write(data)
-
-
-def _load_full(data: bytes, meta: dict, name: str):
-    from safetensors.torch import load
-
-    from olmoearth.checkpoint import modality_registry
-    from olmoearth.modalities import NormStats
-    from olmoearth.model import LatentMIM, ModelConfig
-
-    if json.loads(meta.get("modalities", "null")) != modality_registry():
-        raise CheckpointError(f"{name}: saved with a different modality registry than this code's")
-    model = LatentMIM(ModelConfig.from_dict(json.loads(meta["config"])))
-    tensors = load(data)
-    ours = model.state_dict()
-    for k in ours:
-        if k not in tensors:
-            raise CheckpointError(f"{name}: missing tensor {k!r}")
-        if tuple(tensors[k].shape) != tuple(ours[k].shape):
-            raise CheckpointError(f"{name}: tensor {k!r} has shape {tuple(tensors[k].shape)}, "
-                                  f"the model needs {tuple(ours[k].shape)}")
-    extra = sorted(set(tensors) - set(ours))
-    if extra:
-        raise CheckpointError(f"{name}: extra tensor {extra[0]!r} (and {len(extra) - 1} more)")
-    model.load_state_dict(tensors, strict=True)
-    model.encoder.norm_stats = NormStats.from_dict(json.loads(meta["norm_stats"]))
-    model.encoder.config = model.config
-    model.checkpoint_meta = json.loads(meta.get("extra", "{}"))
-    return model.eval()
-
-
-def load_model(uri_or_path: str, fs=None):
-    """Load a model from any of the formats this project knows; returns it in eval mode.
-
-    - an original OlmoEarth v1 folder (config.json + weights.pth)  -> LatentMIM (as `build_model`)
-    - this project's full checkpoint (safetensors, format olmoearth-model/1, written by `save_model` and
-      by `olmoearth convert`)                                      -> LatentMIM (as `build_model`)
-    - an encoder-only export (safetensors, format olmoearth-encoder/1, written by `save_encoder`)
-                                                                    -> Encoder (what `load_encoder` gives:
-      the file holds no decoder or target projection, so there is no faithful LatentMIM to build; the
-      encoder is what embedding, serving and evaluation use, i.e. `build_model(...).encoder`)
-
-    `fs`: an fsspec filesystem for remote paths (e.g. s3fs for s3://); None reads local paths, or opens
-    other URIs with fsspec's defaults."""
-    from olmoearth.checkpoint import FORMAT as ENCODER_FORMAT
-    from olmoearth.checkpoint import load_encoder, read_metadata
-
-    if fs is None and "://" in uri_or_path and not uri_or_path.startswith("file://"):
-        import fsspec
-
-        fs, _ = fsspec.core.url_to_fs(uri_or_path)
-    isdir = fs.isdir(uri_or_path) if fs is not None else os.path.isdir(uri_or_path)
-    if isdir:
-        if not is_original_folder(uri_or_path, fs):
-            raise CheckpointError(f"{uri_or_path}: a folder, but not an original OlmoEarth checkpoint "
-                                  f"({ORIGINAL_CONFIG} + {ORIGINAL_WEIGHTS})")
-        return from_original(uri_or_path, fs)
-    try:
-        with _open(uri_or_path, fs, "rb") as fh:
-            data = fh.read()
-    except FileNotFoundError:
-        raise CheckpointError(f"{uri_or_path}: not found") from None
-    try:
-        meta = read_metadata(data)
-    except ValueError as e:
-        raise CheckpointError(f"{uri_or_path}: {e}") from None
-    fmt = meta.get("format")
-    if fmt == MODEL_FORMAT:
-        return _load_full(data, meta, uri_or_path)
-    if fmt == ENCODER_FORMAT:
-        return load_encoder(data).eval()
-    raise CheckpointError(f"{uri_or_path}: unknown checkpoint format {fmt!r} (expected {MODEL_FORMAT!r}, "
-                          f"{ENCODER_FORMAT!r} or an original folder)")
 
 
 def convert(src: str, dst: str, src_fs=None, dst_fs=None, encoder_only: bool = False) -> dict:
     """Convert the original folder `src` to this project's format at `dst` (full model, or with
     `encoder_only` the encoder export that serving loads). Returns a summary dict."""
-    from olmoearth.checkpoint import save_encoder
+    from olmoearth.checkpoint import MODEL_FORMAT, save_encoder, save_model
 
     model = from_original(src, src_fs)
-    meta = dict(model.converted_from)
+    meta = dict(model.encoder.checkpoint_meta)
     if encoder_only:
-        if dst_fs is None:
-            os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-            save_encoder(model.encoder, dst, extra_meta=meta)
-        else:
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                local = os.path.join(tmp, "encoder.safetensors")
-                save_encoder(model.encoder, local, extra_meta=meta)
-                dst_fs.put_file(local, dst)
+        save_encoder(model.encoder, dst, extra_meta=meta, fs=dst_fs)
     else:
         save_model(model, dst, extra_meta=meta, fs=dst_fs)
     n_enc = sum(p.numel() for p in model.encoder.parameters())

@@ -10,7 +10,7 @@ project_and_aggregate.projection.0) so its state dict maps by name.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -19,8 +19,11 @@ from olmoearth import tokens as tk
 from olmoearth.attention import Block, init_linear
 from olmoearth.encodings import CompositeEncodings
 from olmoearth.layout import ENCODER
-from olmoearth.modalities import BASE_GSD, ENCODER_MODALITIES, MAX_PATCH_SIZE, MODALITIES, NormStats
+from olmoearth.modalities import BASE_GSD, MODALITIES, NormStats
 from olmoearth.patch_embed import MultiModalPatchEmbed
+
+if TYPE_CHECKING:
+    from olmoearth.model import ModelConfig
 
 
 class EncoderOutput(NamedTuple):
@@ -42,58 +45,51 @@ class ProjectAndAggregate(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.1,
-                 modalities: tuple[str, ...] = tuple(MODALITIES), max_patch_size: int = MAX_PATCH_SIZE,
-                 mask_padding_in_eval: bool = True):
+    """The encoder of `config` (a ModelConfig), normalising raw inputs with `norm_stats` (default: the v1
+    statistics). `checkpoint_meta` stays empty unless olmoearth.load filled it with what the loaded file
+    says about the model (step, source, ...)."""
+
+    def __init__(self, config: ModelConfig, norm_stats: NormStats | None = None, mask_padding_in_eval: bool = True):
         super().__init__()
+        config.validate()
+        self.config = config
+        self.norm_stats = norm_stats or NormStats.default()
+        self.checkpoint_meta: dict = {}
+        dim = config.encoder_dim
         self.embedding_dim = dim
-        self.max_patch_size = max_patch_size
+        self.max_patch_size = config.max_patch_size
         # The original skips the key-padding mask in eval mode (padded slots then take part in attention).
         # We mask always (mask_padding_in_eval=True), so an embedding does not depend on its batch-mates;
         # set False to reproduce the released evaluations bit for bit.
         self.mask_padding_in_eval = mask_padding_in_eval
-        self.modalities = tuple(modalities)
-        self.blocks = nn.ModuleList(
-            [Block(dim, num_heads, mlp_ratio, drop_path=drop_path) for _ in range(depth)]
-        )
+        self.modalities = tuple(config.modalities)
+        self.blocks = nn.ModuleList([Block(dim, config.encoder_heads, config.mlp_ratio, drop_path=config.drop_path)
+                                     for _ in range(config.encoder_depth)])
         self.composite_encodings = CompositeEncodings(dim, self.modalities)
         self.apply(init_linear)
         # patch embeddings of every modality (maps too): the frozen target projection copies them all
-        self.patch_embeddings = MultiModalPatchEmbed(self.modalities, dim, max_patch_size)
+        self.patch_embeddings = MultiModalPatchEmbed(self.modalities, dim, self.max_patch_size)
         self.norm = nn.LayerNorm(dim)
         self.project_and_aggregate = ProjectAndAggregate(dim)
         self.project_and_aggregate.apply(init_linear)
-        self.norm_stats = NormStats.default()
 
-    def check_inputs(self, x: dict, months: torch.Tensor, mask: dict, patch_size: int) -> None:
-        if not x:
-            raise ValueError("encoder input is empty: give at least one of " + ", ".join(ENCODER_MODALITIES))
-        if not 1 <= int(patch_size) <= self.max_patch_size:
-            raise ValueError(f"patch_size must be in 1..{self.max_patch_size}, got {patch_size}")
+    def check_inputs(self, x: dict, mask: dict, patch_size: int) -> None:
+        """Cheap guards against programming errors; user input is validated before it gets here
+        (olmoearth.encode, serve/inputs.py)."""
         for name, v in x.items():
-            if name not in MODALITIES:
-                raise ValueError(f"unknown modality {name!r}; known: {', '.join(MODALITIES)}")
             if not MODALITIES[name].encoder_input:
                 raise ValueError(f"modality {name!r} is a decode-only map and cannot be an encoder input")
             if name not in self.modalities:
                 raise ValueError(f"modality {name!r} is not supported by this encoder ({self.modalities})")
-            mod = MODALITIES[name]
-            if v.ndim != 5 or v.shape[-1] != mod.num_bands:
-                raise ValueError(f"{name} must be (B, H, W, T, {mod.num_bands}), got {tuple(v.shape)}")
             B, H, W, T, _ = v.shape
-            if H % patch_size or W % patch_size:
-                raise ValueError(f"{name}: size {H}x{W} is not a multiple of patch size {patch_size}")
-            if months.ndim != 2 or months.shape[0] != B or months.shape[1] < T:
-                raise ValueError(f"months must be (B={B}, T>={T}), got {tuple(months.shape)}")
-            want = (B, H // patch_size, W // patch_size, T, mod.num_bandsets)
-            if name not in mask or tuple(mask[name].shape) != want:
-                got = None if name not in mask else tuple(mask[name].shape)
-                raise ValueError(f"mask of {name} must have shape {want}, got {got}")
+            want = (B, H // patch_size, W // patch_size, T, MODALITIES[name].num_bandsets)
+            if tuple(mask[name].shape) != want:
+                raise ValueError(f"mask of {name} must have shape {want}, got {tuple(mask[name].shape)}")
 
     def forward(self, x: dict[str, torch.Tensor], months: torch.Tensor, mask: dict[str, torch.Tensor],
                 patch_size: int, input_res: float = BASE_GSD) -> EncoderOutput:
         """x: {m: (B, H, W, T, C)} normalised, 0 where missing; months (B, T); mask {m: (B, h, w, T, S)}."""
-        self.check_inputs(x, months, mask, patch_size)
+        self.check_inputs(x, mask, patch_size)
         tokens = self.patch_embeddings(x, patch_size)  # {m: (B, h, w, T, S, D)}
         tokens = self.composite_encodings(tokens, months, patch_size, input_res)
         seq, m, shapes = tk.collapse(tokens, {n: mask[n] for n in tokens})  # (B, N, D), (B, N)

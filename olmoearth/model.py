@@ -25,7 +25,7 @@ from olmoearth.decoder import Decoder
 from olmoearth.encoder import Encoder
 from olmoearth.layout import ENCODER
 from olmoearth.losses import info_nce, patch_discrimination
-from olmoearth.modalities import MAX_PATCH_SIZE, MODALITIES
+from olmoearth.modalities import MAX_PATCH_SIZE, MODALITIES, NormStats
 
 # size -> (encoder dim, depth, heads, decoder dim, depth, heads): the original's MODEL_SIZE_ARGS
 SIZES = {
@@ -95,28 +95,30 @@ def d4(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
 
 
 class LatentMIM(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, norm_stats: NormStats | None = None):
         super().__init__()
         config.validate()
         self.config = config
         mods = tuple(config.modalities)
-        self.encoder = build_encoder(config)
+        self.encoder = Encoder(config, norm_stats)
         self.decoder = Decoder(config.encoder_dim, config.decoder_dim, config.decoder_depth,
                                config.decoder_heads, config.mlp_ratio, mods)
         self.target_projection = copy.deepcopy(self.encoder.patch_embeddings)
         self.target_projection.requires_grad_(False)
 
     # ---------------------------------------------------------------------------------------------
-    def num_tokens(self, batch: dict) -> int:
-        """Tokens of the batch's sample grids (all modalities, before masking): the token-budget count."""
-        return sum(int(np.prod(tuple(m.shape))) for m in batch["mask_a"].values())
+    def param_groups(self, weight_decay: float, exempt_norms_and_biases: bool = False) -> list[dict]:
+        """AdamW groups; the frozen target projection is never in one.
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay on matrices, none on biases / norms / embeddings; frozen target excluded."""
+        Default, as the original (one optimiser group): every trainable parameter is decayed, biases,
+        LayerNorms, channel embeddings and the mask token included. `exempt_norms_and_biases=True` is the
+        common ViT practice instead: no decay on 1-d parameters (biases, norms, mask token) and channel
+        embeddings, which decay would pull towards 0 for no regularising benefit."""
+        trainable = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        if not exempt_norms_and_biases:
+            return [{"params": [p for _, p in trainable], "weight_decay": weight_decay}]
         decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
+        for name, p in trainable:
             (decay if p.ndim >= 2 and "channel_embeddings" not in name else no_decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -162,19 +164,11 @@ class LatentMIM(nn.Module):
         return {"loss": loss, "patch_disc": patch_disc.detach(), "contrastive": contrastive.detach()}
 
 
-def build_encoder(config: ModelConfig) -> Encoder:
-    """The encoder alone (for loading checkpoints); `.config` is attached."""
-    config.validate()
-    enc = Encoder(config.encoder_dim, config.encoder_depth, config.encoder_heads, config.mlp_ratio,
-                  config.drop_path, tuple(config.modalities), config.max_patch_size)
-    enc.config = config
-    return enc
-
-
-def build_model(size: str | ModelConfig = "nano", **overrides) -> LatentMIM:
-    """build_model("nano"), build_model("tiny", encoder_depth=2) or build_model(ModelConfig(...))."""
+def build_model(size: str | ModelConfig = "nano", norm_stats: NormStats | None = None, **overrides) -> LatentMIM:
+    """build_model("nano"), build_model("tiny", encoder_depth=2) or build_model(ModelConfig(...)); the encoder
+    normalises with `norm_stats` (default: the v1 statistics)."""
     cfg = ModelConfig.preset(size, **overrides) if isinstance(size, str) else size.replace(**overrides)
-    return LatentMIM(cfg)
+    return LatentMIM(cfg, norm_stats)
 
 
 def original_name(ours: str) -> str | None:

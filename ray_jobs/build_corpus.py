@@ -9,6 +9,7 @@ Runs on the Ray cluster of RAY_ADDRESS (or a local one). Rerunning skips finishe
 from __future__ import annotations
 
 from pipelines.common.config import load_config
+from pipelines.common.ray_start import init_ray
 from pipelines.common.storage import Storage
 from pipelines.corpus.build import BuildConfig, build_corpus, format_summary
 
@@ -17,10 +18,8 @@ def main(argv=None) -> int:
     cfg = load_config(BuildConfig, argv, description=__doc__)
     if not cfg.raw_uri or not cfg.out_uri:
         raise SystemExit("olmoearth build-corpus: --raw_uri and --out_uri are required")
-    from pipelines.common.ray_start import init_ray
-
     init_ray()
-    summary = build_corpus(cfg, Storage(cfg.s3_endpoint))
+    summary = build_corpus(cfg, Storage())
     print(format_summary(summary))
     return 0
 

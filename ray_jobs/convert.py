@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tqdm import tqdm
 
@@ -24,10 +24,11 @@ from pipelines.common.storage import Storage, is_s3, strip_scheme
 
 @dataclass
 class ConvertConfig:
-    src: str = field(default="", metadata={"help": "original checkpoint folder (config.json + weights.pth): path or s3://"})
-    dst: str = field(default="", metadata={"help": "output .safetensors file: path or s3://"})
-    encoder_only: bool = field(default=False, metadata={"help": "write only the encoder (save_encoder format)"})
-    s3_endpoint: str | None = field(default=None, metadata={"help": "S3 endpoint URL (default: AWS_ENDPOINT_URL)"})
+    """Convert an original OlmoEarth v1 checkpoint."""
+
+    src: str = ""  # original checkpoint folder (config.json + weights.pth): path or s3://
+    dst: str = ""  # output .safetensors file: path or s3://
+    encoder_only: bool = False  # write only the encoder (the export format that serving loads)
 
 
 def run(cfg: ConvertConfig) -> dict:
@@ -37,7 +38,7 @@ def run(cfg: ConvertConfig) -> dict:
         raise ValueError("convert: --dst is required (the output .safetensors file)")
     if not cfg.dst.endswith(".safetensors"):
         raise ValueError(f"convert: --dst must name a .safetensors file, got {cfg.dst!r}")
-    storage = Storage(cfg.s3_endpoint)
+    storage = Storage()
     src_fs = storage.fs(cfg.src) if is_s3(cfg.src) else None
     dst_fs = None
     if is_s3(cfg.dst):

@@ -29,10 +29,10 @@ class DemoConfig:
 
     out: str = "demo_out"  # local folder for the S3 server's data, logs and copies of the results
     fast: bool = False  # a small run (CI): fewer samples and steps, same code path
-    bucket: str = "olmoearth-demo"
+    bucket: str = "olmoearth-demo"  # bucket on the demo's own S3 server that every step reads and writes
     raw_samples: int = 48  # unlabelled pretraining corpus (2560 m cells)
     labelled_samples: int = 64  # labelled corpus: a contiguous block for evaluation and the area embedding
-    pretrain_steps: int = 300
+    pretrain_steps: int = 300  # optimiser steps of the nano pretraining run
     area_cells: int = 3  # the embedded area is area_cells x area_cells grid cells (2.56 km each)
     # months embedded: a summer in the labelled block's acquisition year (pipelines.corpus.synth.LABELLED_START)
     area_time: list[str] = field(default_factory=lambda: ["2021-06-01", "2021-08-30"])
@@ -89,7 +89,7 @@ def run(cfg: DemoConfig) -> dict:
         with step("start SeaweedFS (S3) and a local Ray cluster"):
             server.start()
             os.environ.update(server.env())  # every job and Ray worker reaches the bucket like AWS S3
-            storage = Storage(server.endpoint)
+            storage = Storage()
             storage.makedirs(s3)
             init_ray()
             print(f"S3 endpoint {server.endpoint}, bucket {s3}")

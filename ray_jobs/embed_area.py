@@ -10,12 +10,12 @@ import json
 import sys
 
 from pipelines.common.config import load_config
-from pipelines.common.ray_start import init_ray  # noqa: E402
+from pipelines.common.ray_start import init_ray
 
 
 def main(argv: list[str] | None = None) -> int:
-
-    from serve.mapping.embed_area import EmbedAreaConfig, embed_area
+    from serve.mapping.config import EmbedAreaConfig
+    from serve.mapping.embed_area import embed_area
 
     cfg = load_config(EmbedAreaConfig, argv, description=__doc__)
     init_ray()

@@ -15,7 +15,6 @@ class ExportConfig:
 
     checkpoint: str = ""  # a checkpoint folder (with train_state.json) or a run folder
     out: str = ""  # the .safetensors file to write (local path or s3:// URI)
-    s3_endpoint: str | None = None
     verify_atol: float = 1e-4  # max |diff| allowed against the run's final reference embedding
 
 
@@ -27,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(ExportConfig, argv, description=__doc__)
     if not cfg.checkpoint or not cfg.out:
         raise SystemExit("olmoearth export: --checkpoint and --out are required")
-    summary = export_encoder(cfg.checkpoint, cfg.out, Storage(cfg.s3_endpoint), cfg.verify_atol)
+    summary = export_encoder(cfg.checkpoint, cfg.out, Storage(), cfg.verify_atol)
     print(json.dumps(summary))
     return 0
 

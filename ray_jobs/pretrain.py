@@ -17,10 +17,17 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
 
 def main(argv: list[str] | None = None) -> int:
     from pipelines.common.config import load_config
-    from pipelines.pretrain.train import PretrainConfig, fit, run_uri
+    from pipelines.pretrain.config import PretrainConfig, run_uri
+    from pipelines.pretrain.job import fit
 
     cfg = load_config(PretrainConfig, argv, description=__doc__)
-    fit(cfg)
+    probe = None
+    if cfg.train.probe_every > 0 and cfg.train.probe_uri:  # (no probe_uri: fit says what is missing)
+        from pipelines.evaluation.hook import make_probe
+
+        t = cfg.train
+        probe = make_probe(t.probe_uri, t.probe_chip_size, t.probe_max_timesteps, t.probe_max_chips, t.seed)
+    fit(cfg, probe=probe)
     print(f"run: {run_uri(cfg)} (checkpoints, metrics.jsonl, loss_curve.png)")
     return 0
 

@@ -16,6 +16,7 @@ import time
 import yaml
 
 from pipelines.common.config import add_config_args, config_from_args
+from pipelines.common.ray_start import init_ray
 
 
 def serve_config_to_job_yaml(path: str) -> str:
@@ -50,9 +51,6 @@ def parse(argv: list[str] | None):
     if args.config:
         args.config = serve_config_to_job_yaml(args.config)
     return config_from_args(ServeConfig, args)
-
-
-from pipelines.common.ray_start import init_ray  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

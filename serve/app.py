@@ -21,7 +21,7 @@ import email.parser
 import email.policy
 import io
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -35,29 +35,26 @@ from serve.inputs import BadRequest, EmbedInput, Limits, parse_geotiffs, parse_n
 class ServeConfig:
     """The endpoint: model, batching, autoscaling and request limits."""
 
-    model_uri: str = "random:nano"  # exported .safetensors, original checkpoint, or random:<size>[:<seed>]
-    s3_endpoint: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
+    # any source olmoearth.load takes: exported .safetensors, checkpoint folder, random:<size>[:<seed>]
+    model_uri: str = "random:nano"
+    host: str = "127.0.0.1"  # HTTP address Serve listens on
+    port: int = 8000  # HTTP port
     name: str = "olmoearth"  # Serve application name
-    route_prefix: str = "/"
-    # batching: max_ongoing_requests must be >= max_batch_size or batches never fill (NOTES.md)
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.02
+    route_prefix: str = "/"  # URL prefix of the endpoint's routes
+    max_batch_size: int = 16  # requests concatenated into one encoder forward at most
+    batch_wait_timeout_s: float = 0.02  # seconds a batch waits to fill before it runs
+    # requests a replica holds at once; must be >= max_batch_size, else batches never fill
     max_ongoing_requests: int = 32
-    # autoscaling
-    min_replicas: int = 1
-    max_replicas: int = 2
-    target_ongoing_requests: float = 16.0
-    # resources per replica
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    torch_threads: int = 0  # 0: torch's default
-    # requests
-    default_patch_size: int = 4
-    max_tile: int = 256
-    max_samples: int = 64
-    max_body_mb: float = 256.0
+    min_replicas: int = 1  # autoscaling: fewest replicas
+    max_replicas: int = 2  # autoscaling: most replicas
+    target_ongoing_requests: float = 16.0  # autoscaling: ongoing requests per replica to aim for
+    num_cpus: float = 1.0  # CPUs reserved per replica
+    num_gpus: float = 0.0  # GPUs per replica (> 0: the encoder runs on CUDA)
+    torch_threads: int = 0  # torch intra-op threads per replica (0: torch's default)
+    default_patch_size: int = 4  # patch size when a request gives none (1..8)
+    max_tile: int = 256  # largest tile side in px a request may send
+    max_samples: int = 64  # most samples (B) per request
+    max_body_mb: float = 256.0  # largest request body in MB (larger: 413)
 
 
 NPZ_TYPES = ("application/x-npz", "application/npz", "application/octet-stream", "application/zip")
@@ -96,15 +93,13 @@ def error(e: BadRequest) -> JSONResponse:
 @serve.deployment(name="OlmoEarthEncoder")
 @serve.ingress(api)
 class EncoderDeployment:
-    def __init__(self, cfg: dict):
-        from pipelines.common.storage import Storage
+    def __init__(self, cfg: ServeConfig):
         from serve.embedder import Embedder
 
-        self.cfg = ServeConfig(**cfg)
-        self.limits = Limits(self.cfg.max_tile, self.cfg.max_samples)
-        device = "cuda" if self.cfg.num_gpus > 0 else "cpu"
-        self.embedder = Embedder(self.cfg.model_uri, Storage(self.cfg.s3_endpoint), device=device,
-                                 num_threads=self.cfg.torch_threads or None)  # fmt: skip
+        self.cfg = cfg
+        self.limits = Limits(cfg.max_tile, cfg.max_samples)
+        device = "cuda" if cfg.num_gpus > 0 else "cpu"
+        self.embedder = Embedder(cfg.model_uri, device=device, num_threads=cfg.torch_threads or None)
         self.embed_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.embed_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.started = time.time()
@@ -158,9 +153,7 @@ class EncoderDeployment:
         except BadRequest as e:
             return error(e)
         result = await self.embed_batch((inp, p))
-        if isinstance(result, Exception):
-            if isinstance(result, ValueError):  # the encoder refused this input
-                return error(BadRequest("body", str(result), status=422))
+        if isinstance(result, Exception):  # inputs were validated: a failure here is the server's
             return JSONResponse({"error": f"{type(result).__name__}: {result}", "field": None}, status_code=500)
         patches, pooled, batch_size = result
         headers = {"X-Batch-Size": str(batch_size), "X-Patch-Size": str(p)}
@@ -241,7 +234,7 @@ def build_app(cfg: ServeConfig):
                             "target_ongoing_requests": cfg.target_ongoing_requests},
         max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options=actor,
-    ).bind(asdict(cfg))  # fmt: skip
+    ).bind(cfg)  # fmt: skip
 
 
 def app_builder(args: dict):

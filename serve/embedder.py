@@ -1,12 +1,9 @@
-"""One encoder, ready to embed numpy arrays: loaded from any URI, shared by the Serve deployment, the Ray Data
-actors of the large-area job and the benchmark.
+"""One encoder, ready to embed numpy arrays: loaded by `olmoearth.load` from any source it takes (an exported
+encoder on a path or s3://, a pretraining or original checkpoint folder, `random:<size>[:<seed>]`), shared
+by the Serve deployment, the Ray Data actors of the large-area job and the benchmark.
 
-Model URIs:
-    s3://bucket/x.safetensors or /path/x.safetensors   an encoder exported by `olmoearth export`
-    any other path / URI                              an original OlmoEarth v1 checkpoint (converted on load
-                                                      by `olmoearth.load_model`: folder with config.json +
-                                                      weights.pth, or its converted safetensors)
-    random:<size>[:<seed>]                            a random-init encoder (demos, tests, benchmarks)
+Inputs arrive validated (serve/inputs.py on the request path, the area job's own tiles); this module only
+converts between numpy and torch and marks patches without data.
 """
 
 from __future__ import annotations
@@ -17,48 +14,25 @@ import numpy as np
 import torch
 
 from olmoearth.modalities import ENCODER_MODALITIES, MODALITIES
-from pipelines.common.storage import Storage, is_s3
-
-
-def load_encoder_uri(uri: str, storage: Storage | None = None) -> tuple[torch.nn.Module, dict]:
-    """(encoder in eval mode, info {"size", "source", ...}) from any supported model URI."""
-    storage = storage or Storage()
-    if uri.startswith("random:"):
-        from olmoearth import build_model
-
-        parts = uri.split(":")
-        size, seed = parts[1], int(parts[2]) if len(parts) > 2 else 0
-        torch.manual_seed(seed)
-        encoder = build_model(size).encoder
-    else:
-        from olmoearth.convert import load_model
-
-        if not storage.exists(uri):
-            raise FileNotFoundError(f"model_uri {uri!r}: no such file or folder")
-        model = load_model(uri, fs=storage.fs(uri) if is_s3(uri) else None)
-        encoder = getattr(model, "encoder", model)
-    cfg = getattr(encoder, "config", None)
-    info = {"size": getattr(cfg, "size", "?"), "source": uri, **getattr(encoder, "checkpoint_meta", {})}
-    info = {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool))}
-    encoder.eval()
-    return encoder, info
 
 
 class Embedder:
     """encoder + the numpy in / numpy out call used everywhere in serve/ (thread-safe, no grad)."""
 
-    def __init__(self, model_uri: str, storage: Storage | None = None, device: str | None = None,
-                 num_threads: int | None = None):  # fmt: skip
+    def __init__(self, model_uri: str, device: str | None = None, num_threads: int | None = None):
+        import olmoearth
+
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.encoder, self.info = load_encoder_uri(model_uri, storage)
-        self.encoder.to(self.device)
+        self.encoder = olmoearth.load(model_uri, map_location=str(self.device))
+        info = {"size": self.encoder.config.size, "source": model_uri, **self.encoder.checkpoint_meta}
+        self.info = {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool))}
         self.dim = int(self.encoder.embedding_dim)
         self._lock = threading.Lock()
 
     def describe(self) -> dict:
-        mods = [m for m in ENCODER_MODALITIES if m in getattr(self.encoder, "modalities", ENCODER_MODALITIES)]
+        mods = [m for m in ENCODER_MODALITIES if m in self.encoder.modalities]
         return {
             "model": self.info,
             "embedding_dim": self.dim,

@@ -7,7 +7,8 @@ Two ways in:
             All fields must share one grid (CRS, transform, size); the response GeoTIFF reuses it.
 
 Everything returned is validated: known encoder modality, band count, one T for all modalities, square tile of
-at most `max_tile` px, H divisible by the patch size, not all-NaN.
+at most `max_tile` px, H divisible by the patch size, months 0..11, not all-NaN. This is the request path's one
+validation: the embedder and the encoder behind it take what comes out of here as valid.
 """
 
 from __future__ import annotations
@@ -169,20 +170,17 @@ def parse_npz(data: bytes, patch_size: int, limits: Limits, months_param: str | 
 
 def read_geotiff_field(name: str, data: bytes) -> tuple[np.ndarray, Georef]:
     """One multipart GeoTIFF field -> (H, W, T*C) float32 with NaN for nodata, and its grid."""
-    import rasterio
-    from rasterio.io import MemoryFile
+    from pipelines.imagery.geotiff import GeoTiffError, read_geotiff
 
     try:
-        with MemoryFile(data) as mem, mem.open() as ds:
-            arr = ds.read().astype(np.float32)  # (bands, H, W)
-            nodata = ds.nodata
-            if ds.crs is None:
-                raise BadRequest(name, "GeoTIFF has no CRS; georeferenced input is required")
-            geo = Georef(ds.crs.to_wkt(), tuple(ds.transform)[:6], ds.width, ds.height)
-    except BadRequest:
-        raise
-    except (rasterio.errors.RasterioError, ValueError, OSError) as e:
-        raise BadRequest(name, f"not a readable GeoTIFF ({type(e).__name__}: {e})") from None
+        arr, prof = read_geotiff(data, name=name)
+    except GeoTiffError as e:
+        raise BadRequest(name, f"not a readable GeoTIFF ({e.detail})") from None
+    if prof.get("crs") is None:
+        raise BadRequest(name, "GeoTIFF has no CRS; georeferenced input is required")
+    geo = Georef(prof["crs"].to_wkt(), tuple(prof["transform"])[:6], prof["width"], prof["height"])
+    arr = arr.astype(np.float32)  # (bands, H, W)
+    nodata = prof.get("nodata")
     if nodata is not None and not np.isnan(nodata):
         arr[arr == nodata] = np.nan
     return np.moveaxis(arr, 0, -1), geo

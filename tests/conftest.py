@@ -1,5 +1,9 @@
 """Shared test fixtures: one local Ray cluster and one SeaweedFS S3 server per test session (each start
-costs seconds on 2 cores), started here and stopped by PID at the end."""
+costs seconds on 2 cores), started here and stopped by PID at the end.
+
+Two tiers: a test that needs the cluster or the S3 server (through these fixtures, directly or through other
+fixtures) is marked `integration` here, mechanically; a test that starts Ray, Serve, SeaweedFS or a
+DeepSpeed engine by itself carries the marker in its file. `make test-fast` runs the rest."""
 
 from __future__ import annotations
 
@@ -12,6 +16,15 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+# fixtures that start a service: a test using any of them is an integration test
+SERVICE_FIXTURES = {"ray_cluster", "s3_server", "s3_bucket"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")
@@ -37,16 +50,18 @@ def s3_bucket(s3_server):
     from pipelines.common.storage import Storage
 
     uri = f"s3://test-{uuid.uuid4().hex[:10]}"
-    Storage(s3_server.endpoint).makedirs(uri)
+    Storage().makedirs(uri)
     return uri
 
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server):
     """One local Ray cluster for the session, with more logical CPUs than cores so that Ray Data never
-    starves behind train workers. Depends on s3_server so that workers inherit its AWS_* environment."""
+    starves behind train workers. Depends on s3_server so that workers get its AWS_* environment."""
     import ray
 
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from pipelines.common.ray_start import init_ray
+
+    init_ray(num_cpus=8, address="local", log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

@@ -97,6 +97,7 @@ class LocalHead:
             self.proc.kill()
 
 
+@pytest.mark.integration  # starts its own `ray start --head` cluster
 def test_ray_job_submit_runs_a_job_entrypoint(tmp_path):
     head_dir = f"/tmp/ray-jobtest-{secrets.token_hex(3)}"  # short: unix socket paths are length-limited
     os.makedirs(head_dir)

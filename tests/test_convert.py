@@ -1,4 +1,4 @@
-"""Checkpoint compatibility with the original OlmoEarth v1 (issue 3).
+"""Checkpoint compatibility with the original OlmoEarth v1.
 
 The original code (PyPI olmoearth-pretrain-minimal 0.1.5) builds v1 Nano and Tiny models with random weights
 (every tensor randomised, see tests/original_models.py), saves them as original folders (config.json +
@@ -38,8 +38,10 @@ from original_models import (
     write_original_folder,
 )
 
-from olmoearth.convert import CheckpointError, convert, load_model
+from olmoearth.checkpoint import CheckpointError
+from olmoearth.convert import convert
 from olmoearth.layout import DECODER, ENCODER, MISSING
+from olmoearth.loading import load_model
 from olmoearth.modalities import MODALITIES
 
 ATOL = 1e-4
@@ -134,7 +136,8 @@ def test_encoder_parity_with_missing_timesteps(pair):
     same = {"sentinel2_l2a": torch.tensor([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=torch.bool)}
     o = original_encode(orig, x, months, 4, missing=same, mode="eval")
     assert_parity(max_diffs(o, *ours_encode(ours, x, months, 4, same)), f"{size} eval-mode missing")
-    # ...and differs with unequal counts: its padded slots take part in attention (reference §1.5b)
+    # ...and differs with unequal counts: its padded slots take part in attention (the original skips the
+    # key-padding mask in eval mode)
     o = original_encode(orig, x, months, 4, missing=missing, mode="eval")
     d = max_diffs(o, *ours_encode(ours, x, months, 4, missing))
     assert d["pooled"] > 1e-3, d
@@ -326,6 +329,11 @@ def test_load_model_reads_every_format(nano_folder, tmp_path):
     assert isinstance(c, Encoder)
     for k, v in a.encoder.state_dict().items():
         assert torch.equal(v, c.state_dict()[k]), k
+    # olmoearth.load: the encoder of every one of these sources, the file's bytes too
+    for src in (nano_folder, full, enc, open(enc, "rb").read()):
+        e = olmoearth.load(src)
+        assert isinstance(e, Encoder) and not e.training and e.config.size == "nano"
+        assert all(torch.equal(v, e.state_dict()[k]) for k, v in a.encoder.state_dict().items())
     # the original loads its own folder strictly: the folder we test against is a genuine original one
     assert load_original_folder(nano_folder).encoder.embedding_size == 128
     with pytest.raises(CheckpointError, match="not an original OlmoEarth checkpoint"):

@@ -13,8 +13,11 @@ from rasterio.windows import from_bounds
 from olmoearth.modalities import MODALITIES
 from pipelines.common.storage import Storage, join
 from pipelines.corpus import raw_layout as rl
-from pipelines.corpus.raster import RejectError, geotiff_bytes, read_geotiff, read_sample
-from pipelines.corpus.synth import CLASSES, SynthConfig, make_sample, plan_cells, write_corpus
+from pipelines.corpus.raw_layout import CLASSES
+from pipelines.corpus.sample import read_sample
+from pipelines.corpus.synth import SynthConfig, make_sample, plan_cells, write_corpus
+from pipelines.corpus.validate import RejectError, read_raw
+from pipelines.imagery.geotiff import GeoTiffError, GeoTiffVanished, geotiff_bytes, read_geotiff
 
 
 def test_parse_sample_name():
@@ -62,10 +65,18 @@ def test_geotiff_errors_name_the_file(tmp_path):
     path = tmp_path / "EPSG:32618_1_-2_10.tif"
     path.write_bytes(good[: len(good) // 2])
     with pytest.raises(RejectError, match="corrupt") as e:
-        read_geotiff(str(path))
+        read_raw(str(path))
     assert e.value.file == str(path) and e.value.reason == "corrupt"
-    data, profile = read_geotiff(good)
+    data, profile = read_raw(good)
     assert data.shape == (1, 256, 256) and profile["crs"].to_epsg() == 32618
+    # the imagery reader's own errors, which read_raw turns into rejects
+    with pytest.raises(GeoTiffError, match="cannot read GeoTIFF") as g:
+        read_geotiff(str(path))
+    assert g.value.file == str(path) and not isinstance(g.value, GeoTiffVanished)
+    with pytest.raises(GeoTiffVanished):
+        read_geotiff(str(tmp_path / "gone.tif"))
+    with pytest.raises(RejectError, match="vanished"):
+        read_raw(str(tmp_path / "gone.tif"))
 
 
 def test_synth_deterministic_and_coherent(tmp_path):
@@ -162,7 +173,7 @@ def test_real_sentinel2_cut_onto_the_grid(s3_bucket, s3_server, with_s3):
 
 def test_a_file_gone_since_listing_is_vanished(tmp_path):
     """A file that was listed but is gone when read rejects its sample as `vanished`, naming the file."""
-    from pipelines.corpus.raster import load_bandsets
+    from pipelines.corpus.validate import load_bandsets
 
     sid = rl.sample_id(32618, 4, -9)
     gone = str(tmp_path / "10_sentinel1_monthly" / (sid + "_10.tif"))

@@ -15,16 +15,16 @@ from olmoearth.layout import ENCODER, MISSING
 from olmoearth.modalities import MAP_MODALITIES, MODALITIES
 from pipelines.common.storage import Storage, join
 from pipelines.corpus import raw_layout as rl
-from pipelines.corpus.build import BuildConfig, build_corpus, format_summary, read_cell
-from pipelines.corpus.raster import geotiff_bytes, grid_crop
+from pipelines.corpus.build import BuildConfig, build_corpus, format_summary
+from pipelines.corpus.shards import load_manifest, load_norm_stats, read_cell
+from pipelines.corpus.stored import grid_crop
 from pipelines.corpus.synth import SynthConfig, write_corpus
+from pipelines.imagery.geotiff import geotiff_bytes
 from pipelines.pretrain.stream import (
     StreamConfig,
     check_batch,
     epoch_plan,
     iter_training_batches,
-    load_manifest,
-    load_norm_stats,
     training_dataset,
 )  # fmt: skip
 
@@ -85,7 +85,7 @@ def corpus(s3_server, ray_cluster):
     storage.write_text(csv_uri, text)
 
     # tiny timestep chunks: the CSVs are routed by several Ray tasks whose ranges split lines arbitrarily
-    cfg = BuildConfig(raw_uri=raw, out_uri=out, s3_endpoint=s3_server.endpoint, samples_per_shard=4, seed=1,
+    cfg = BuildConfig(raw_uri=raw, out_uri=out, samples_per_shard=4, seed=1,
                       timesteps_chunk_mb=300 / 2**20)  # fmt: skip
     first = _build_without_driver_csv(cfg, storage)
     return {"storage": storage, "raw": raw, "out": out, "cfg": cfg, "first": first, "expected": expected,
@@ -143,7 +143,8 @@ def test_shards_hold_what_the_reader_reads(corpus):
     20/40 m repeated onto 10 m, OSM strided, missing months NaN, nodata NaN, S1 in dB (float16 in the shard)."""
     import pyarrow.parquet as pq
 
-    from pipelines.corpus.raster import cut_stored, read_sample
+    from pipelines.corpus.sample import read_sample
+    from pipelines.corpus.stored import cut_stored
 
     storage, out, raw = corpus["storage"], corpus["out"], corpus["raw"]
     sh = load_manifest(out, storage)["shards"][0]
@@ -169,13 +170,9 @@ def test_shards_hold_what_the_reader_reads(corpus):
 def test_timestep_routing_splits_lines_exactly(tmp_path):
     """Routing a CSV in byte ranges of any size puts every row in exactly one range, under its sample's part,
     and a malformed line is reported with the file and its byte offset."""
-    from pipelines.corpus.build import (
-        TIMESTEP_FIELDS,
-        csv_chunks,
-        part_of,
-        read_part_timesteps,
-        route_timesteps,
-    )
+    from pipelines.corpus.plan import part_of
+    from pipelines.corpus.raw_layout import TIMESTEP_FIELDS
+    from pipelines.corpus.timesteps import csv_chunks, read_part_timesteps, route_timesteps
 
     d = dt.date(2020, 1, 1)
     rows = [(rl.sample_id(EPSG, c, -7), t, d + dt.timedelta(days=30 * t), d + dt.timedelta(days=30 * t + 29))
@@ -187,7 +184,7 @@ def test_timestep_routing_splits_lines_exactly(tmp_path):
     num_parts = 5
     for chunk in (7, 64, 1000, len(text)):
         out = str(tmp_path / f"out{chunk}")
-        routed = [route_timesteps(csv_path, "sentinel1", a, b, TIMESTEP_FIELDS, 3, num_parts, out, None)
+        routed = [route_timesteps(csv_path, "sentinel1", a, b, TIMESTEP_FIELDS, 3, num_parts, out)
                   for a, b in csv_chunks(len(text), chunk)]  # fmt: skip
         got = {}
         for p in range(num_parts):
@@ -202,8 +199,57 @@ def test_timestep_routing_splits_lines_exactly(tmp_path):
     offset = bad.rfind("\n", 0, bad.index("2020-13-01")) + 1  # where the bad line starts
     with pytest.raises(ValueError, match=f"10_sentinel1_monthly.csv: line at byte {offset}"):
         route_timesteps(
-            csv_path, "sentinel1", 0, len(bad), TIMESTEP_FIELDS, 3, num_parts, str(tmp_path / "o"), None
+            csv_path, "sentinel1", 0, len(bad), TIMESTEP_FIELDS, 3, num_parts, str(tmp_path / "o")
         )
+
+
+def _local_part(tmp_path, cols):
+    """A local raw corpus of one-timestep Sentinel-1 samples, planned as one part -> (BuildConfig, item)."""
+    from pipelines.corpus.timesteps import route_timesteps
+
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    s1 = MODALITIES["sentinel1"].raw_folder
+    storage, d = Storage(), dt.date(2021, 5, 1)
+    for c in cols:
+        storage.write_bytes(join(raw, s1, rl.file_name(EPSG, c, -1000, 10)), _s1_sample(c, -1000))
+    text = rl.write_timesteps_csv(
+        [(rl.sample_id(EPSG, c, -1000), 0, d, d + dt.timedelta(days=30)) for c in cols]
+    )
+    storage.write_text(rl.csv_uri(raw, "sentinel1"), text)
+    r = route_timesteps(
+        rl.csv_uri(raw, "sentinel1"), "sentinel1", 0, len(text), rl.TIMESTEP_FIELDS, 0, 1, out
+    )
+    samples = [{"sample_id": rl.sample_id(EPSG, c, -1000),
+                "files": {"sentinel1": [join(raw, s1, rl.file_name(EPSG, c, -1000, 10))]}} for c in cols]  # fmt: skip
+    spec = {"part": 0, "samples": samples, "timesteps": {"sentinel1": [[r["uri"], *r["ranges"][0]]]}}
+    return BuildConfig(raw_uri=raw, out_uri=out), {"spec": json.dumps(spec)}, samples
+
+
+def test_a_part_rejects_bad_data_but_fails_on_a_bug(tmp_path, monkeypatch):
+    """build_part files a corrupt file as a reject and writes the rest; an exception that is not about the
+    data (a bug) fails the part instead of becoming a "corrupt" sample, and leaves no shard behind."""
+    from pipelines.corpus import part as part_mod
+
+    cfg, item, samples = _local_part(tmp_path, [20, 21])
+    bad = samples[1]["files"]["sentinel1"][0]
+    open(bad, "wb").write(open(bad, "rb").read()[:500])
+    got = part_mod.build_part(item, cfg)
+    assert got["rows"] == 1 and got["rejected"] == 1
+    marker = json.loads(open(join(cfg.out_uri, "_done", "part-000000.json")).read())
+    assert marker["rejects"][0]["reason"] == "corrupt" and marker["rejects"][0]["file"] == bad
+
+    cfg, item, _ = _local_part(tmp_path / "bug", [22])
+
+    def broken(*a, **k):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(part_mod, "stats_vector", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        part_mod.build_part(item, cfg)
+    import os
+
+    assert not os.path.exists(join(cfg.out_uri, "shards")) or not os.listdir(join(cfg.out_uri, "shards"))
+    assert not os.path.exists(join(cfg.out_uri, "_done"))
 
 
 def test_stream_refuses_an_old_shard_format(tmp_path):
@@ -237,7 +283,7 @@ def test_new_samples_rebuild_only_their_part(s3_server, ray_cluster):
         storage.write_text(rl.csv_uri(raw, "sentinel1"), old + new.split("\n", 1)[1] if old else new)
 
     add(range(10, 16))
-    cfg = BuildConfig(raw_uri=raw, out_uri=out, s3_endpoint=s3_server.endpoint, samples_per_shard=2, seed=4)
+    cfg = BuildConfig(raw_uri=raw, out_uri=out, samples_per_shard=2, seed=4)
     first = build_corpus(cfg, storage)
     assert first["samples_written"] == 6 and first["parts_this_run"] == first["num_shards"] <= 3
     add([16])
@@ -248,7 +294,7 @@ def test_new_samples_rebuild_only_their_part(s3_server, ray_cluster):
     again = build_corpus(cfg, storage)
     assert again["parts_this_run"] == 0 and again["samples_written"] == 7 and again["samples_found"] == 6
     with pytest.raises(ValueError, match="seed 4, not 5"):
-        build_corpus(BuildConfig(raw_uri=raw, out_uri=out, s3_endpoint=s3_server.endpoint, seed=5), storage)
+        build_corpus(BuildConfig(raw_uri=raw, out_uri=out, seed=5), storage)
 
 
 def test_rerun_is_idempotent_and_resumes(corpus):

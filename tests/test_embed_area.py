@@ -24,7 +24,7 @@ def area(s3_server):
     from pipelines.corpus import raw_layout as rl
     from pipelines.corpus.synth import SynthConfig, write_corpus
 
-    storage = Storage(s3_server.endpoint)
+    storage = Storage()
     root = f"s3://area-{uuid.uuid4().hex[:8]}/raw"
     summary = write_corpus(SynthConfig(num_samples=16, seed=3, labelled=True, missing_timestep_rate=0.0,
                                        missing_modality_rate=0.0, cloud_rate=0.0), root, storage)  # fmt: skip
@@ -49,7 +49,7 @@ def block_pixels(area) -> tuple[np.ndarray, int]:
     """The 1024 x 1024 px mosaic of MOD over the 16 cells at the first timestep, read directly."""
     from olmoearth.modalities import MODALITIES
     from pipelines.corpus import raw_layout as rl
-    from pipelines.corpus.raster import read_sample
+    from pipelines.corpus.sample import read_sample
 
     out = np.full((1024, 1024, MODALITIES[MOD].num_bands), np.nan, np.float32)
     month = None
@@ -70,19 +70,21 @@ def lonlat_bbox(area, inset: float = 100.0) -> list[float]:
                                  l + 4 * CELL_M - inset, t - inset))  # fmt: skip
 
 
-def test_area_job_covers_blends_matches_encode_and_resumes(area, ray_cluster, s3_server, tmp_path):
+def test_area_job_covers_blends_matches_encode_and_resumes(area, ray_cluster, tmp_path, monkeypatch):
     import rioxarray
     import xarray as xr
 
+    from pipelines.common.faults import FAULTS_ENV
     from pipelines.imagery.grid import starts
     from serve.embedder import Embedder
-    from serve.mapping.embed_area import EmbedAreaConfig, embed_area
+    from serve.mapping.config import EmbedAreaConfig
+    from serve.mapping.embed_area import embed_area
 
     out = area["root"].rsplit("/", 1)[0] + "/embeddings"
     cfg = EmbedAreaConfig(bbox=lonlat_bbox(area), source=area["root"], modalities=[MOD], time_start=TIME[0], time_end=TIME[1],
                           model_uri="random:nano:7", patch_size=8, tile_size=128, overlap=16, num_actors=1,
-                          batch_size=8, out=out, formats=["cog", "zarr"], s3_endpoint=s3_server.endpoint,
-                          fail_tiles=["r0002_c0003"])  # fmt: skip
+                          batch_size=8, out=out, formats=["cog", "zarr"])  # fmt: skip
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"embed_tiles": ["r0002_c0003"]}))
     report = embed_area(cfg)
     grid = report["grid"]
     assert grid["crs"] == "EPSG:32618"  # the UTM zone of the lon/lat box
@@ -101,7 +103,8 @@ def test_area_job_covers_blends_matches_encode_and_resumes(area, ray_cluster, s3
     assert np.isnan(z1[:, ty + 5 : ty + 11, tx + 5 : tx + 11]).all()
 
     # rerun: only the failed tile is encoded; now everything is there (int8 this time)
-    cfg.fail_tiles, cfg.int8 = [], True
+    monkeypatch.delenv(FAULTS_ENV)
+    cfg.int8 = True
     report2 = embed_area(cfg)
     assert report2["encoded"] == 1 and report2["skipped_finished"] == n_tiles - 1 and not report2["failed"]
 
@@ -158,11 +161,12 @@ def test_area_job_covers_blends_matches_encode_and_resumes(area, ray_cluster, s3
         np.testing.assert_allclose(got[ok], want[ok], atol=1e-5, rtol=1e-5)
 
 
-def test_embed_cli_from_geotiffs_exits_1_on_a_failed_tile_then_0_on_rerun(ray_cluster, tmp_path, capsys):
+def test_embed_cli_from_geotiffs_exits_1_on_a_failed_tile_then_0_on_rerun(ray_cluster, tmp_path, capsys, monkeypatch):
     import rasterio
     import yaml
     from affine import Affine
 
+    from pipelines.common.faults import FAULTS_ENV
     from ray_jobs.cli import main
 
     rng = np.random.default_rng(0)
@@ -175,7 +179,9 @@ def test_embed_cli_from_geotiffs_exits_1_on_a_failed_tile_then_0_on_rerun(ray_cl
                                    "geotiffs": {"sentinel1": [tif]}, "months": [4], "model_uri": "random:nano",
                                    "tile_size": 64, "overlap": 32, "patch_size": 4, "formats": ["cog"]}))  # fmt: skip
     out = str(tmp_path / "out")
-    assert main(["embed", "--config", str(cfg), "--out", out, "--fail_tiles", "r0000_c0001"]) == 1
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"embed_tiles": ["r0000_c0001"]}))
+    assert main(["embed", "--config", str(cfg), "--out", out]) == 1
+    monkeypatch.delenv(FAULTS_ENV)
     assert main(["embed", "--config", str(cfg), "--out", out]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["tiles"] == 4 and report["encoded"] == 1 and report["skipped_finished"] == 3

@@ -294,12 +294,12 @@ def test_geobench_pickles_never_run_code():
 
 
 def test_eval_synth_yaml_is_the_task_the_in_loop_probe_scores():
-    """configs/eval_synth.yaml and pretraining's in-loop probe (pipelines/pretrain/train.py load_probe) share one task
+    """configs/eval_synth.yaml and pretraining's in-loop probe (pipelines/evaluation/hook.py make_probe) share one task
     definition, EUROSAT_LIKE; the YAML cannot import it, so it is checked here."""
     import yaml
 
     from pipelines.evaluation.synth_task import EUROSAT_LIKE
-    from pipelines.pretrain.train import TrainSection
+    from pipelines.pretrain.config import TrainSection
 
     dataset = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "configs", "eval_synth.yaml")))["dataset"]
     for key, value in EUROSAT_LIKE.items():

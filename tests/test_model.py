@@ -213,6 +213,17 @@ def test_checkpoint_round_trip(tmp_path):
         load_encoder(b"garbage!!garbage")
 
 
+def test_load_random_is_seeded_and_leaves_the_global_rng_alone():
+    rng = torch.random.get_rng_state()
+    a, b, c = olmoearth.load("random:nano:3"), olmoearth.load("random:nano:3"), olmoearth.load("random:nano")
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert a.config.size == "nano" and not a.training and a.checkpoint_meta == {}
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert not torch.equal(a.blocks[0].attn.q.weight, c.blocks[0].attn.q.weight)  # seed 0 by default
+    with pytest.raises(ValueError, match="integer seed"):
+        olmoearth.load("random:nano:x")
+
+
 def test_import_olmoearth_is_light():
     import subprocess
     import sys

@@ -81,7 +81,7 @@ def test_normal_priority_undoes_rays_worker_niceness():
         started = threading.Event()
         t = threading.Thread(target=started.wait, daemon=True)  # a thread that exists before the call
         t.start()
-        from pipelines.pretrain.train import normal_priority
+        from pipelines.pretrain.worker import normal_priority
         ok = normal_priority()
         print(ok, os.getpriority(os.PRIO_PROCESS, 0), os.getpriority(os.PRIO_PROCESS, t.native_id))
         started.set()
@@ -138,10 +138,11 @@ def test_loss_curve_png():
 
 
 def test_checkpoints_listed_by_step_across_trials_and_pruned(s3_server, s3_bucket):
+    from olmoearth.checkpoint import STATE_FILE
     from pipelines.common.storage import Storage, join
-    from pipelines.pretrain.train import STATE_FILE, latest_checkpoint, list_checkpoints, prune_checkpoints
+    from pipelines.pretrain.checkpoints import latest_checkpoint, list_checkpoints, prune_checkpoints
 
-    storage = Storage(s3_server.endpoint)
+    storage = Storage()
     run = join(s3_bucket, "runs", "r")
     assert list_checkpoints(storage, run) == [] and latest_checkpoint(storage, run) is None
     layout = {"TorchTrainer_a": {"checkpoint_000000": 5, "checkpoint_000001": 10},
@@ -171,23 +172,23 @@ def corpus(s3_server, ray_cluster):
     from pipelines.corpus.build import BuildConfig, build_corpus
     from pipelines.corpus.synth import SynthConfig, write_corpus
 
-    storage = Storage(s3_server.endpoint)
+    storage = Storage()
     bucket = f"s3://pretrain-{uuid.uuid4().hex[:8]}"
     storage.makedirs(bucket)
     write_corpus(SynthConfig(num_samples=6, seed=5, timesteps=3), join(bucket, "raw"), storage)
-    build_corpus(BuildConfig(raw_uri=join(bucket, "raw"), out_uri=join(bucket, "shards"),
-                             s3_endpoint=s3_server.endpoint, samples_per_shard=4), storage)  # fmt: skip
+    build_corpus(BuildConfig(raw_uri=join(bucket, "raw"), out_uri=join(bucket, "shards"), samples_per_shard=4),
+                 storage)  # fmt: skip
     return storage, bucket, join(bucket, "shards")
 
 
 LR = 3e-4
 
 
-def nano_config(corpus, name: str, **train):
+def nano_config(corpus, name: str):
     """The CPU config of configs/pretrain_nano_cpu.yaml, shrunk: 2-sample batches (12 per epoch, 6 steps of
     2 workers), patch sizes 2..4, <= 4 x 4 tokens per side."""
     from pipelines.common.config import from_dict
-    from pipelines.pretrain.train import PretrainConfig
+    from pipelines.pretrain.config import PretrainConfig
 
     storage, bucket, shards = corpus
     cfg = {
@@ -199,16 +200,16 @@ def nano_config(corpus, name: str, **train):
         # together in the first tens of steps (the contrastive part rises) and the total loss stalls
         "optim": {"lr": LR, "weight_decay": 0.002, "warmup_steps": 3},
         "train": {"max_steps": 30, "global_batch_size": 4, "zero_stage": 2, "precision": "fp32",
-                  "log_every": 1, "checkpoint_every": 5, "keep_checkpoints": 2, **train},
+                  "log_every": 1, "checkpoint_every": 5, "keep_checkpoints": 2},
         "scaling": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1, "threads_per_worker": 1},
-        "run": {"name": name, "storage_path": f"{bucket}/runs", "s3_endpoint": storage.s3_endpoint,
-                "max_failures": 2},
+        "run": {"name": name, "storage_path": f"{bucket}/runs", "max_failures": 2},
     }  # fmt: skip
     return from_dict(PretrainConfig, cfg)
 
 
 def final_state(storage, run: str) -> dict:
-    from pipelines.pretrain.train import STATE_FILE, latest_checkpoint
+    from olmoearth.checkpoint import STATE_FILE
+    from pipelines.pretrain.checkpoints import latest_checkpoint
 
     return json.loads(storage.read_text(latest_checkpoint(storage, run) + "/" + STATE_FILE))
 
@@ -224,11 +225,16 @@ def batch_losses(model, batches) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def trained(corpus):
-    """ZeRO-2, 30 steps, checkpoint every 5 (keep 2), the last worker killed at step 10 of the first attempt."""
-    from pipelines.pretrain.train import fit, run_uri
+    """ZeRO-2, 30 steps, checkpoint every 5 (keep 2), the last worker killed at step 10 of the first attempt
+    (the test fault plan of pipelines/common/faults.py)."""
+    from pipelines.common.faults import FAULTS_ENV
+    from pipelines.pretrain.config import run_uri
+    from pipelines.pretrain.job import fit
 
-    cfg = nano_config(corpus, "main", fail_at_step=10)
-    result = fit(cfg)
+    cfg = nano_config(corpus, "main")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FAULTS_ENV, json.dumps({"train_step": 10}))
+        result = fit(cfg)
     return cfg, result, run_uri(cfg)
 
 
@@ -236,9 +242,9 @@ def test_pretrain_recovers_from_a_worker_failure_and_learns(corpus, trained):
     import torch
 
     from olmoearth import build_model
-    from pipelines.pretrain.export import consolidated_state_dict
+    from olmoearth.checkpoint import consolidated_state_dict
+    from pipelines.pretrain.checkpoints import list_checkpoints
     from pipelines.pretrain.stream import iter_training_batches, training_dataset
-    from pipelines.pretrain.train import list_checkpoints
 
     storage, bucket, shards = corpus
     cfg, result, run = trained
@@ -327,14 +333,15 @@ def test_export_reproduces_the_in_training_encoder(corpus, trained):
     import torch
 
     from olmoearth import encode, load_encoder
-    from pipelines.pretrain.stream import load_norm_stats
-    from pipelines.pretrain.train import REFERENCE_FILE, latest_checkpoint
+    from olmoearth.checkpoint import REFERENCE_FILE
+    from pipelines.corpus.shards import load_norm_stats
+    from pipelines.pretrain.checkpoints import latest_checkpoint
     from ray_jobs.export import main as export_main
 
     storage, bucket, shards = corpus
     _, _, run = trained
     out = f"{bucket}/models/nano.safetensors"
-    assert export_main(["--checkpoint", run, "--out", out, "--s3_endpoint", storage.s3_endpoint]) == 0
+    assert export_main(["--checkpoint", run, "--out", out, "--s3_endpoint", storage.endpoint]) == 0
     encoder = load_encoder(storage.read_bytes(out))
     assert encoder.checkpoint_meta["step"] == 30 and encoder.config.size == "nano"
     corpus_stats = load_norm_stats(shards, storage)
@@ -349,16 +356,19 @@ def test_export_reproduces_the_in_training_encoder(corpus, trained):
     torch.testing.assert_close(emb.patches, ref["patches"], rtol=1e-5, atol=1e-5)
     # the export refuses a checkpoint folder that does not exist
     with pytest.raises(FileNotFoundError, match="no pretraining checkpoint"):
-        export_main(["--checkpoint", f"{bucket}/runs/nothing", "--out", out, "--s3_endpoint", storage.s3_endpoint])
+        export_main(["--checkpoint", f"{bucket}/runs/nothing", "--out", out, "--s3_endpoint", storage.endpoint])
 
 
-def test_resubmitted_run_continues_from_its_checkpoint(corpus, trained):
-    from pipelines.pretrain.train import fit, list_checkpoints, run_uri
+def test_resubmitted_run_continues_from_its_checkpoint(corpus, trained, monkeypatch):
+    from pipelines.common.faults import FAULTS_ENV
+    from pipelines.pretrain.checkpoints import list_checkpoints
+    from pipelines.pretrain.config import run_uri
+    from pipelines.pretrain.job import fit
 
     storage, _, _ = corpus
     cfg, _, run = trained
     cfg.train.max_steps = 34
-    cfg.train.fail_at_step = 0
+    monkeypatch.delenv(FAULTS_ENV, raising=False)
     result = fit(cfg)
     assert result.metrics["step"] == 34
     state = final_state(storage, run_uri(cfg))
@@ -374,7 +384,7 @@ def test_zero_stages_run_and_export(corpus, stage, tmp_path):
     run also calls the in-loop probe (pipelines/evaluation/hook.py) on a labelled synthetic set; the
     ZeRO-3 run accumulates gradients over 2 microbatches per step."""
     from olmoearth import load_encoder
-    from pipelines.pretrain.train import list_checkpoints
+    from pipelines.pretrain.checkpoints import list_checkpoints
     from ray_jobs.export import main as export_main
     from ray_jobs.pretrain import main as pretrain_main
 
@@ -384,7 +394,7 @@ def test_zero_stages_run_and_export(corpus, stage, tmp_path):
     argv = ["--config", config, "--data.shards_uri", shards, "--data.max_tokens_per_side", "3",
             "--data.max_patch_size", "4", "--data.token_budget", "300",
             "--run.storage_path", f"{bucket}/runs", "--run.name", f"zero{stage}",
-            "--run.s3_endpoint", storage.s3_endpoint, "--train.zero_stage", str(stage), "--train.max_steps", "3",
+            "--s3_endpoint", storage.endpoint, "--train.zero_stage", str(stage), "--train.max_steps", "3",
             "--optim.warmup_steps", "1", "--train.checkpoint_every", "2", "--scaling.cpus_per_worker", "1"]  # fmt: skip
     if stage == 3:  # gradient accumulation: 2-sample microbatches, 2 per worker per step of 8 samples
         argv += ["--data.batch_size", "2"]
@@ -409,5 +419,5 @@ def test_zero_stages_run_and_export(corpus, stage, tmp_path):
     assert sorted(state["consumed"]) == list(range(6 if stage == 1 else 12))
     assert [s for s, _ in list_checkpoints(storage, run)] == [2, 3]
     out = str(tmp_path / "enc.safetensors")
-    assert export_main(["--checkpoint", run, "--out", out, "--s3_endpoint", storage.s3_endpoint]) == 0
+    assert export_main(["--checkpoint", run, "--out", out, "--s3_endpoint", storage.endpoint]) == 0
     assert load_encoder(out).checkpoint_meta["step"] == 3

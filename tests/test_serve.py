@@ -39,7 +39,7 @@ def endpoint(ray_cluster, s3_server):
     with tempfile.TemporaryDirectory() as tmp:
         save_encoder(build_model("nano").encoder, f"{tmp}/enc.safetensors", extra_meta={"size": "nano"})
         storage.write_bytes(f"{bucket}/models/enc.safetensors", open(f"{tmp}/enc.safetensors", "rb").read())
-    cfg = ServeConfig(model_uri=f"{bucket}/models/enc.safetensors", s3_endpoint=s3_server.endpoint,
+    cfg = ServeConfig(model_uri=f"{bucket}/models/enc.safetensors",
                       port=free_port(), min_replicas=1, max_replicas=1, max_batch_size=16,
                       max_ongoing_requests=32, batch_wait_timeout_s=0.1, max_tile=128, num_cpus=0.5,
                       name="olmoearth-test")  # fmt: skip
@@ -144,7 +144,7 @@ def bad_cases():
     tif, _ = real_s2_geotiff(16)
     from rasterio import Affine
 
-    from pipelines.corpus.raster import geotiff_bytes
+    from pipelines.imagery.geotiff import geotiff_bytes
 
     five_band = geotiff_bytes(np.ones((5, 16, 16), np.uint16), 32618, Affine(10, 0, 0, 0, -10, 0), compress="deflate")
     return [
@@ -211,7 +211,8 @@ def test_area_job_through_the_endpoint_equals_the_actor_pool(endpoint, s3_server
     import rioxarray
 
     from pipelines.common.storage import Storage
-    from serve.mapping.embed_area import EmbedAreaConfig, embed_area
+    from serve.mapping.config import EmbedAreaConfig
+    from serve.mapping.embed_area import embed_area
 
     storage = Storage(s3_server.endpoint)
     tif, ref = real_s2_geotiff(160)
@@ -220,8 +221,7 @@ def test_area_job_through_the_endpoint_equals_the_actor_pool(endpoint, s3_server
     l, b, r, t = ref["bounds"]
     base = dict(bbox=[l + 40, b + 40, r - 40, t - 40], bbox_crs=ref["crs"].to_string(), crs=ref["crs"].to_string(),
                 geotiffs={"sentinel2_l2a": [scene]}, months=[5], model_uri=MODEL["uri"], patch_size=4,
-                tile_size=64, overlap=16, batch_size=4, formats=["cog"], preview=False,
-                s3_endpoint=s3_server.endpoint)  # fmt: skip
+                tile_size=64, overlap=16, batch_size=4, formats=["cog"], preview=False)  # fmt: skip
     maps = {}
     for engine in ("serve", "ray_data"):
         out = f"{MODEL['bucket']}/area_{engine}"

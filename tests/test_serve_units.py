@@ -8,7 +8,7 @@ import io
 import numpy as np
 import pytest
 
-from pipelines.imagery.grid import Grid, make_tiles, starts, tile_weights
+from pipelines.imagery.grid import Grid, make_tiles, starts
 from serve.inputs import BadRequest, Limits, parse_months, parse_npz, validate
 
 
@@ -72,6 +72,8 @@ def test_multipart_parser_splits_files_and_fields():
 
 
 def test_tiles_cover_the_grid_and_blending_is_exact_where_one_tile_reaches():
+    from serve.mapping.blend import tile_weights
+
     grid = Grid("EPSG:32618", 0.0, 0.0, 200, 136)
     tiles = make_tiles(grid, 64, 16, 4)
     assert starts(200, 64, 48) == [0, 48, 96, 136] and starts(136, 64, 48) == [0, 48, 72]
@@ -90,7 +92,7 @@ def test_tiles_cover_the_grid_and_blending_is_exact_where_one_tile_reaches():
 
 
 def test_area_grid_picks_the_utm_zone_and_snaps_outward():
-    from serve.mapping.geo import area_grid, utm_epsg
+    from pipelines.imagery.grid import area_grid, utm_epsg
 
     assert utm_epsg(-75.9, 37.1) == 32618 and utm_epsg(151.2, -33.9) == 32756
     crs, (x0, y0), w, h = area_grid((-75.98, 37.10, -75.88, 37.18), "EPSG:4326", None, 10.0, 40.0)
@@ -148,9 +150,9 @@ def test_corpus_source_reads_the_same_pixels_as_read_sample(tmp_path):
 
     from pipelines.common.storage import Storage
     from pipelines.corpus import raw_layout as rl
-    from pipelines.corpus.raster import read_sample
+    from pipelines.corpus.sample import read_sample
+    from pipelines.corpus.source import CorpusSource
     from pipelines.corpus.synth import SynthConfig, write_corpus
-    from pipelines.imagery.sources import CorpusSource
 
     storage = Storage()
     root = str(tmp_path / "raw")
@@ -251,7 +253,8 @@ def test_streaming_mosaic_writes_each_band_once_its_tiles_are_final_in_any_order
     from pipelines.common.storage import Storage
     from pipelines.imagery.grid import Grid, make_tiles
     from serve.mapping.assemble import StreamingMosaic
-    from serve.mapping.embed_area import EmbedAreaConfig, write_batch_results
+    from serve.mapping.config import EmbedAreaConfig
+    from serve.mapping.tile_store import write_batch_results
 
     # 160 x 160 px at patch 4 = 40 x 40 tokens; tiles of 16 tokens stepping by 12: rows at tokens 0, 12, 24;
     # bands of 16 rows: band 0 needs tile rows 0-1, band 1 rows 1-2, band 2 row 2

@@ -3,13 +3,26 @@
     cfg = load_config(PretrainConfig, argv)   # argv: ["--config", "x.yaml", "--train.lr", "3e-4", ...]
 
 Every field of the dataclass (nested dataclasses with dotted names) becomes a `--flag`, documented in
-`--help` with its type and default; unknown YAML keys or flags are errors that name the key.
+`--help` with its description, type and default; unknown YAML keys or flags are errors that name the key.
+A field's description is the comment on its line in the dataclass source, or the comment line(s) right above
+it: the source stays the one place where a setting is explained.
+
+Storage is one setting for every job, not a field of each config: the global flag `--s3_endpoint URL` (or a
+top-level `s3_endpoint:` in the YAML) sets AWS_ENDPOINT_URL for the process, which `Storage()` reads and
+`init_ray()` forwards to the Ray workers.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import functools
+import inspect
+import io
+import os
+import textwrap
+import tokenize
 import types
 import typing
 from typing import Any, TypeVar
@@ -89,8 +102,49 @@ def from_dict(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
     return cls(**kwargs)
 
 
-def to_dict(cfg) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+# comments that instruct tools, not readers
+_DIRECTIVES = ("fmt:", "noqa", "type:", "pragma", "isort:")
+
+
+def _comment_text(comment: str) -> str:
+    parts = [p.strip() for p in comment.split("#")]
+    return " ".join(p for p in parts if p and not p.startswith(_DIRECTIVES))
+
+
+@functools.cache
+def field_descriptions(cls) -> dict[str, str]:
+    """{field name: description} from the comments of `cls`'s source and its dataclass bases' (see the
+    module docstring); "" for a field without one."""
+    out = {f.name: "" for f in dataclasses.fields(cls)}
+    for base in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(base):
+            out.update({k: v for k, v in _own_descriptions(base).items() if v})
+    return out
+
+
+def _own_descriptions(cls) -> dict[str, str]:
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    trailing, whole_line = {}, {}  # line number -> comment text
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            own_line = tok.line.strip().startswith("#")
+            (whole_line if own_line else trailing)[tok.start[0]] = _comment_text(tok.string)
+    out = {}
+    for stmt in ast.parse(src).body[0].body:
+        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+            continue
+        lines = range(stmt.lineno, stmt.end_lineno + 1)
+        text = " ".join(c for n in lines if (c := trailing.get(n) or (n > stmt.lineno and whole_line.get(n))))
+        n = stmt.lineno - 1
+        above = []
+        while not text and n in whole_line:
+            above.insert(0, whole_line[n])
+            n -= 1
+        out[stmt.target.id] = text or " ".join(a for a in above if a)
+    return out
 
 
 def _flat_fields(cls, prefix=""):
@@ -102,12 +156,17 @@ def _flat_fields(cls, prefix=""):
             default = f.default
             if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
                 default = f.default_factory()
-            help_text = f.metadata.get("help", "")
-            yield prefix + f.name, t, default, help_text
+            yield prefix + f.name, t, default, field_descriptions(cls).get(f.name, "")
+
+
+STORAGE_FLAG = "s3_endpoint"
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
     parser.add_argument("--config", help="YAML file with the job's configuration (flags override it)")
+    parser.add_argument(f"--{STORAGE_FLAG}", metavar="URL", default=None,
+                        help="S3-compatible server of every s3:// URI of the job (sets AWS_ENDPOINT_URL; "
+                             "default: AWS_ENDPOINT_URL, else AWS itself)")  # fmt: skip
     group = parser.add_argument_group(f"{cls.__name__} fields (override the YAML)")
     for name, t, default, help_text in _flat_fields(cls):
         tname = getattr(t, "__name__", str(t).replace("typing.", ""))
@@ -116,8 +175,16 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
             dest=f"cfg::{name}",
             default=None,
             metavar=tname.upper() if isinstance(tname, str) else "VALUE",
-            help=f"{help_text} (default: {default!r})".strip(),
+            help=f"{help_text} (default: {default!r})".strip().replace("%", "%%"),
         )
+
+
+def _set_storage(args: argparse.Namespace, data: dict) -> None:
+    """The global storage setting: the flag wins over the YAML's top-level key."""
+    from_yaml = data.pop(STORAGE_FLAG, None)
+    endpoint = getattr(args, STORAGE_FLAG, None) or from_yaml
+    if endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
@@ -125,6 +192,7 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
     if getattr(args, "config", None):
         with open(args.config) as fh:
             data = yaml.safe_load(fh) or {}
+    _set_storage(args, data)
     types_by_name = {name: t for name, t, _, _ in _flat_fields(cls)}
     for key, text in vars(args).items():
         if not key.startswith("cfg::") or text is None:
@@ -149,7 +217,3 @@ def load_config(cls: type[C], argv: list[str] | None = None, description: str | 
     add_config_args(parser, cls)
     return config_from_args(cls, parser.parse_args(argv))
 
-
-def save_config(cfg, path: str) -> None:
-    with open(path, "w") as fh:
-        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)

@@ -1,18 +1,26 @@
 """Object storage access: one way to reach s3://bucket/prefix (AWS or any S3-compatible server) or a local
-path, used by every job. The S3 endpoint comes from the job's `s3_endpoint` setting or from
-AWS_ENDPOINT_URL; credentials from the usual AWS variables (or an instance profile on a cluster)."""
+path, used by every job. The S3 endpoint comes from AWS_ENDPOINT_URL (every job's `--s3_endpoint` flag sets
+it); credentials from the usual AWS variables (or an instance profile on a cluster).
+
+Writes are atomic: a reader never sees half a file. On S3 one PUT (or a completed multipart upload) is
+atomic by itself; a local file is written beside its destination and renamed over it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import fsspec
 
 
 @dataclass(frozen=True)
 class Storage:
-    """Where the bytes live: `s3_endpoint` None means AWS itself (or AWS_ENDPOINT_URL if set)."""
+    """Where the bytes live. Jobs build `Storage()`: AWS itself, or the server of AWS_ENDPOINT_URL; an explicit
+    `s3_endpoint` is for a client of one particular server (a test's)."""
 
     s3_endpoint: str | None = None
 
@@ -61,11 +69,20 @@ class Storage:
             return fh.read()
 
     def write_bytes(self, uri: str, data: bytes) -> None:
-        fs = self.fs(uri)
-        if not is_s3(uri):
-            os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
-        with fs.open(uri, "wb") as fh:
+        """Writes the whole file at once: readers see the old file or the new one, never a part."""
+        with self.open_atomic(uri) as fh:
             fh.write(data)
+
+    @contextlib.contextmanager
+    def open_atomic(self, uri: str) -> Iterator[BinaryIO]:
+        """A binary file handle for streaming a big file to `uri`; the file appears when the block ends
+        without an error, and an error leaves neither the file nor a temporary one behind."""
+        if is_s3(uri):
+            with _s3_atomic(self.fs(uri), uri) as fh:
+                yield fh
+        else:
+            with _local_atomic(os.path.abspath(uri)) as fh:
+                yield fh
 
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode()
@@ -81,6 +98,34 @@ class Storage:
                 fs.mkdir(bucket)
         else:
             os.makedirs(uri, exist_ok=True)
+
+
+@contextlib.contextmanager
+def _s3_atomic(fs, uri: str) -> Iterator[BinaryIO]:
+    fh = fs.open(uri, "wb")
+    try:
+        yield fh
+    except BaseException:
+        fh.discard()  # aborts a multipart upload; a small file was only buffered
+        fh.closed = True  # so that no later close() uploads what was buffered
+        raise
+    fh.close()  # the PUT (or the multipart upload's completion) makes the object appear at once
+
+
+@contextlib.contextmanager
+def _local_atomic(path: str) -> Iterator[BinaryIO]:
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    # beside the destination (same filesystem: the rename is atomic), hidden, with the usual permissions
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "xb") as fh:
+            yield fh
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
 
 
 def is_s3(uri: str) -> bool:

@@ -1,4 +1,4 @@
-"""The raw corpus layout (the original's public release, reference section 5), in one place.
+"""The raw corpus layout (the original's public release), in one place.
 
     <root>/<raw_folder>/EPSG:<code>_<col>_<row>_<resolution>.tif    one GeoTIFF per sample and bandset
     <root>/<raw_folder>.csv                                          per temporal modality: timestep times
@@ -10,8 +10,9 @@ negative rows), 256 x 256 pixels. A bandset stored at resolution r covers the sa
 per side. A multi-temporal file holds T x C bands in time-major order (band t * C + c is band c of
 timestep t); the CSV row with image_idx t gives that timestep's period. Static maps hold C bands.
 
-Raw dtypes and nodata values (what the synthetic generator writes and what the build validates):
-`RAW_FORMAT[modality] = (dtype, nodata)`. Sentinel-1 is stored as linear power and converted to dB on read.
+Raw dtypes and nodata values per modality: pipelines/imagery/units.py RAW_FORMAT (Sentinel-1 is stored
+as linear power and converted to dB on read). The labelled variant adds `10_labels/` (per-pixel class of
+CLASSES, uint8, 10 m) and `labels.csv` (sample_id, label, label_name).
 """
 
 from __future__ import annotations
@@ -27,19 +28,10 @@ import numpy as np
 from olmoearth.modalities import BASE_GSD, MAX_TIMESTEPS, MODALITIES, TILE_METRES, TILE_SIZE, get_modality
 from pipelines.common.storage import Storage, join
 
-# modality -> (numpy dtype of the raw GeoTIFF, nodata value); None: no nodata value (every value is data)
-RAW_FORMAT: dict[str, tuple[str, float | None]] = {
-    "sentinel2_l2a": ("uint16", 0),
-    "sentinel1": ("float32", -32768.0),
-    "landsat": ("uint16", 0),
-    "worldcover": ("uint8", 0),
-    "srtm": ("int16", -32768),
-    "openstreetmap_raster": ("uint8", None),
-    "wri_canopy_height_map": ("uint8", 255),
-    "cdl": ("uint8", 0),
-    "worldcereal": ("uint8", 255),
-}
 LABELS_FOLDER = "10_labels"  # labelled synthetic corpus only: per-pixel class, uint8, 10 m
+# the labelled corpus's classes: label i of labels.csv and of the 10_labels maps is CLASSES[i]
+CLASSES = ("tree_cover", "shrubland", "grassland", "cropland", "built_up", "bare", "water", "wetland")
+TIMESTEP_FIELDS = ("crs", "col", "row", "image_idx", "start_time", "end_time")  # the timestep CSV's columns
 FOLDER_TO_MODALITY = {m.raw_folder: name for name, m in MODALITIES.items()}
 PERIOD_DAYS = 30  # one monthly mosaic
 
@@ -176,21 +168,38 @@ def read_timesteps(root_uri: str, storage: Storage, modalities=None) -> dict[str
 
 
 def parse_timesteps_csv(text: str, uri: str = "<csv>") -> dict[str, list]:
+    """A whole timestep CSV -> sample_id -> [(image_idx, start date, end date)] sorted by image_idx."""
     rows: dict[str, list] = defaultdict(list)
-    reader = csv.DictReader(io.StringIO(text))
-    need = {"crs", "col", "row", "image_idx", "start_time", "end_time"}
-    if not reader.fieldnames or not need <= set(reader.fieldnames):
-        raise ValueError(f"{uri}: header must have columns {sorted(need)}, got {reader.fieldnames}")
-    for i, r in enumerate(reader, start=2):
+    reader = csv.reader(io.StringIO(text))
+    col = timestep_columns(next(reader, []), uri)
+    for r in reader:
+        if not r:
+            continue
         try:
-            epsg = int(str(r["crs"]).replace("EPSG:", ""))
-            sid = sample_id(epsg, int(r["col"]), int(r["row"]))
-            item = (int(r["image_idx"]), dt.date.fromisoformat(r["start_time"][:10]),
-                    dt.date.fromisoformat(r["end_time"][:10]))  # fmt: skip
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{uri}: line {i}: {e}") from None
+            sid, item = parse_timestep_row(r, col)
+        except ValueError as e:
+            raise ValueError(f"{uri}: line {reader.line_num}: {e}") from None
         rows[sid].append(item)
     return {k: sorted(v) for k, v in rows.items()}
+
+
+def timestep_columns(header: list[str], uri: str = "<csv>") -> dict[str, int]:
+    """A timestep CSV's header -> {field: column index}; ValueError naming the file if a field is missing."""
+    if not set(TIMESTEP_FIELDS) <= set(header):
+        raise ValueError(f"{uri}: header must have columns {list(TIMESTEP_FIELDS)}, got {header}")
+    return {name: header.index(name) for name in TIMESTEP_FIELDS}
+
+
+def parse_timestep_row(r: list[str], col: dict[str, int]) -> tuple[str, tuple[int, dt.date, dt.date]]:
+    """One CSV row (fields, `timestep_columns` order) -> (sample_id, (image_idx, start, end)).
+    Raises ValueError saying what is wrong with it."""
+    try:
+        epsg = int(str(r[col["crs"]]).replace("EPSG:", ""))
+        sid = sample_id(epsg, int(r[col["col"]]), int(r[col["row"]]))
+        return sid, (int(r[col["image_idx"]]), dt.date.fromisoformat(r[col["start_time"]][:10]),
+                     dt.date.fromisoformat(r[col["end_time"]][:10]))  # fmt: skip
+    except (TypeError, IndexError) as e:
+        raise ValueError(str(e)) from None
 
 
 def write_timesteps_csv(rows: list[tuple[str, int, dt.date, dt.date]]) -> str:
@@ -219,15 +228,17 @@ def sample_timeline(periods: dict[str, list]) -> tuple[dict[str, np.ndarray], np
     T = int(max(s.max() for s in slots.values() if len(s))) + 1
     if T > MAX_TIMESTEPS:
         raise ValueError(f"timesteps span {T} periods of {PERIOD_DAYS} days; at most {MAX_TIMESTEPS}")
-    months = np.asarray(
-        [(t0 + dt.timedelta(days=t * PERIOD_DAYS + PERIOD_DAYS // 2)).month - 1 for t in range(T)],
-        dtype=np.int64,
-    )
-    return slots, months
+    return slots, np.asarray(period_months(t0, T), dtype=np.int64)
+
+
+def period_months(t0: dt.date, n: int) -> list[int]:
+    """The month (0..11) of each of n consecutive periods from t0: the month of the period's middle day."""
+    return [(t0 + dt.timedelta(days=t * PERIOD_DAYS + PERIOD_DAYS // 2)).month - 1 for t in range(n)]
 
 
 __all__ = [
-    "RAW_FORMAT", "LABELS_FOLDER", "TILE_SIZE", "parse_sample_name", "sample_id", "parse_sample_id", "file_name",
+    "LABELS_FOLDER", "CLASSES", "TIMESTEP_FIELDS", "TILE_SIZE", "parse_sample_name", "sample_id", "parse_sample_id", "file_name",
     "cell_transform", "cell_bounds", "cell_size", "bandset_index", "list_samples", "list_samples_lenient",
-    "read_timesteps", "write_timesteps_csv", "sample_timeline",
+    "read_timesteps", "parse_timesteps_csv", "timestep_columns", "parse_timestep_row", "write_timesteps_csv",
+    "sample_timeline", "period_months",
 ]  # fmt: skip

@@ -50,16 +50,14 @@ class Embedder:
     """Ray Data actor: the reader and the frozen encoders live for the actor's lifetime."""
 
     def __init__(self, reader, sources: dict[str, dict], patch_size: int, pooling: str, dense: bool,
-                 threads: int = 1, s3_endpoint: str | None = None):
+                 threads: int = 1):
         import torch
 
-        from pipelines.common.storage import Storage
         from pipelines.evaluation.features import load_source
 
         torch.set_num_threads(max(1, threads))
         self.reader, self.patch_size, self.pooling, self.dense = reader, patch_size, pooling, dense
-        storage = Storage(s3_endpoint)
-        self.sources = {name: load_source(spec, storage) for name, spec in sources.items()}
+        self.sources = {name: load_source(spec) for name, spec in sources.items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipelines.evaluation.features import chip_features
@@ -86,7 +84,7 @@ class Embedder:
 
 def extract_features(reader, rows: list[dict], sources: dict[str, dict], patch_size: int = 4,
                      pooling: str = "mean", dense: bool = False, batch_size: int = 16, num_actors: int = 1,
-                     threads_per_actor: int | None = None, s3_endpoint: str | None = None) -> Features:
+                     threads_per_actor: int | None = None) -> Features:
     """Run the actor pool over `rows` and gather the features in row order (nothing dropped: the result
     has exactly one entry per row, checked)."""
     import ray
@@ -100,7 +98,7 @@ def extract_features(reader, rows: list[dict], sources: dict[str, dict], patch_s
     out = ds.map_batches(
         Embedder,
         fn_constructor_kwargs=dict(reader=reader, sources=sources, patch_size=patch_size, pooling=pooling,
-                                   dense=dense, threads=threads, s3_endpoint=s3_endpoint),
+                                   dense=dense, threads=threads),
         batch_size=batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=num_actors),

@@ -1,7 +1,7 @@
 """Features of labelled chips: a frozen encoder's embeddings, or the raw-band baseline.
 
 Feature sources (each a small dict, so Ray can ship it to actors):
-    {"kind": "checkpoint", "uri": "s3://.../encoder.safetensors"}   a trained encoder (olmoearth.checkpoint)
+    {"kind": "checkpoint", "uri": "s3://.../encoder.safetensors"}   a trained encoder (any source olmoearth.load takes)
     {"kind": "random", "size": "nano", "seed": 0, "overrides": {}}  a randomly initialised encoder
                                                                     (overrides: ModelConfig fields)
     {"kind": "band_stats"}                                          per-band mean and std of the chip
@@ -21,7 +21,7 @@ import torch
 from olmoearth.modalities import ENCODER_MODALITIES, MODALITIES, NormStats
 
 
-def load_source(spec: dict, storage=None):
+def load_source(spec: dict):
     """A feature source spec -> an encoder module in eval mode (or None for band_stats)."""
     kind = spec["kind"]
     if kind == "band_stats":
@@ -29,25 +29,13 @@ def load_source(spec: dict, storage=None):
     if kind == "encoder":
         return spec["encoder"]
     if kind == "checkpoint":
-        from olmoearth.checkpoint import load_encoder
-        from pipelines.common.storage import Storage
+        import olmoearth
 
-        storage = storage or Storage()
-        try:
-            data = storage.read_bytes(spec["uri"])
-        except FileNotFoundError:
-            raise FileNotFoundError(f"encoder checkpoint {spec['uri']} not found") from None
-        return load_encoder(data).eval()
+        return olmoearth.load(spec["uri"])
     if kind == "random":
-        from olmoearth import build_model
+        from olmoearth.loading import random_model
 
-        state = torch.random.get_rng_state()
-        torch.manual_seed(int(spec.get("seed", 0)))
-        try:
-            encoder = build_model(spec.get("size", "nano"), **spec.get("overrides", {})).encoder
-        finally:
-            torch.random.set_rng_state(state)
-        return encoder.eval()
+        return random_model(spec.get("size", "nano"), int(spec.get("seed", 0)), **spec.get("overrides", {})).encoder
     raise ValueError(f"unknown feature source kind {kind!r} (checkpoint, random, band_stats)")
 
 

@@ -74,3 +74,15 @@ def probe(encoder: torch.nn.Module, task: ProbeSet, patch_size: int = 4, k: int 
         prefix = task.name if name == "encoder" else f"{task.name}/{name}"
         out.update({f"{prefix}/{r['probe']}_{r['metric']}": r["value"] for r in recs})
     return out
+
+
+def make_probe(uri: str, chip_size: int, max_timesteps: int, max_chips: int = 0, seed: int = 0):
+    """The in-loop probe of pretraining (`fit(cfg, probe=...)`): `probe(encoder) -> scores` on the
+    EUROSAT_LIKE task of the labelled synthetic corpus at `uri`, with the chip size and timesteps given,
+    its set read into memory once, here. Picklable, so it travels to the training workers."""
+    import functools
+
+    from pipelines.evaluation.synth_task import EUROSAT_LIKE, SynthTaskReader
+
+    reader = SynthTaskReader(root=uri, **dict(EUROSAT_LIKE, chip_size=chip_size, max_timesteps=max_timesteps))
+    return functools.partial(probe, task=load_probe_set(reader, max_chips=max_chips, seed=seed))

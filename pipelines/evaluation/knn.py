@@ -1,4 +1,4 @@
-"""kNN classification on frozen embeddings, as the original evaluates (reference §6):
+"""kNN classification on frozen embeddings, as the original evaluates:
 cosine similarity, the k = 20 most similar training samples vote, each vote weighted exp(sim / 0.07).
 
 Multi-label tasks (BigEarthNet): every class is an independent yes/no vote among the same neighbours

@@ -6,7 +6,7 @@
   Features are standardised with the training set's mean and std; C is chosen on a held-out split.
 - Segmentation: one linear layer per token (patch embedding -> class logits), logits upsampled bilinearly
   to pixels, cross-entropy over labelled pixels (-1 ignored), AdamW with a cosine schedule, as the
-  original's per-patch probe (reference §6); the learning rate is chosen on the held-out split."""
+  original's per-patch probe; the learning rate is chosen on the held-out split."""
 
 from __future__ import annotations
 

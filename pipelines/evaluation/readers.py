@@ -23,7 +23,9 @@ import numpy as np
 
 from olmoearth.modalities import get_modality
 from pipelines.common.storage import Storage, is_s3, join
-from pipelines.evaluation.task import TaskInfo, assign_splits, upsample_repeat
+from pipelines.evaluation.task import TaskInfo, assign_splits
+from pipelines.imagery.geotiff import GeoTiffVanished, read_geotiff
+from pipelines.imagery.units import repeat_pixels
 
 # --------------------------------------------------------------------------------------------------
 # small I/O helpers
@@ -35,22 +37,22 @@ def _glob(storage: Storage, pattern: str) -> list[str]:
     return ["s3://" + p if is_s3(pattern) and not p.startswith("s3://") else p for p in found]
 
 
-def _read_tif(storage: Storage, uri: str) -> tuple[np.ndarray, dict]:
-    """(bands, H, W) array and a little metadata of a GeoTIFF (local or s3)."""
-    import rasterio
-    from rasterio.io import MemoryFile
-
+def _read_tif(uri: str) -> tuple[np.ndarray, dict]:
+    """(bands, H, W) array and the profile of a GeoTIFF (local or s3)."""
     try:
-        data = storage.read_bytes(uri)
-    except FileNotFoundError:
+        return read_geotiff(uri)
+    except GeoTiffVanished:
         raise FileNotFoundError(f"missing chip file {uri}") from None
-    try:
-        with MemoryFile(data) as mem, mem.open() as src:
-            arr = src.read()
-            meta = {"nodata": src.nodata, "res": src.res, "descriptions": src.descriptions}
-    except rasterio.errors.RasterioIOError as e:
-        raise ValueError(f"{uri}: not a readable GeoTIFF ({e})") from None
-    return arr, meta
+
+
+def _onto_grid(band: np.ndarray, size: tuple[int, int], where: str) -> np.ndarray:
+    """Bring a (h, w) band stored at a coarser resolution onto the (H, W) 10 m grid by pixel repetition
+    (as the original's data); the factor must be a whole number."""
+    h, w = band.shape
+    H, W = size
+    if H % h or W % w or H // h != W // w:
+        raise ValueError(f"{where}: band of {h}x{w} px cannot be repeated onto a {H}x{W} grid")
+    return repeat_pixels(band, H // h)
 
 
 def _months_from_date(text: str | None, default: int) -> int:
@@ -78,11 +80,10 @@ class BigEarthNetReader:
     split_csvs: dict[str, str] = field(default_factory=dict)  # {"train": uri, "val": uri, "test": uri}
     fractions: tuple[float, float, float] = (0.6, 0.0, 0.4)
     seed: int = 0
-    s3_endpoint: str | None = None
     name: str = "bigearthnet"
 
     def _patches(self) -> list[tuple[str, dict]]:
-        storage = Storage(self.s3_endpoint)
+        storage = Storage()
         metas = _glob(storage, join(self.s2_root, "*", "*_labels_metadata.json"))
         if not metas:
             raise FileNotFoundError(f"no BigEarthNet patch (<patch>/<patch>_labels_metadata.json) under {self.s2_root}")
@@ -113,7 +114,7 @@ class BigEarthNetReader:
         return index
 
     def rows(self) -> list[dict]:
-        storage = Storage(self.s3_endpoint)
+        storage = Storage()
         patches = self._patches()
         names = self.info().class_names
         lookup = {n: i for i, n in enumerate(names)}
@@ -144,18 +145,17 @@ class BigEarthNetReader:
         return rows
 
     def load(self, row: dict):
-        storage = Storage(self.s3_endpoint)
         s2 = get_modality("sentinel2_l2a")
         bands = []
         for b in s2.bands:
-            arr, _ = _read_tif(storage, join(row["s2_dir"], f"{row['id']}_{b}.tif"))
+            arr, _ = _read_tif(join(row["s2_dir"], f"{row['id']}_{b}.tif"))
             bands.append(arr[0].astype(np.float32))
         size = max((b.shape for b in bands), key=lambda s: s[0])
-        x = {"sentinel2_l2a": np.stack([upsample_repeat(b, size, f"{row['id']}") for b in bands], -1)[:, :, None]}
+        x = {"sentinel2_l2a": np.stack([_onto_grid(b, size, f"{row['id']}") for b in bands], -1)[:, :, None]}
         if row.get("s1_dir"):
             s1_name = row["s1_dir"].rstrip("/").rsplit("/", 1)[-1]
-            pols = [_read_tif(storage, join(row["s1_dir"], f"{s1_name}_{p.upper()}.tif"))[0][0] for p in ("vv", "vh")]
-            x["sentinel1"] = np.stack([upsample_repeat(p.astype(np.float32), size, s1_name) for p in pols], -1)[:, :, None]
+            pols = [_read_tif(join(row["s1_dir"], f"{s1_name}_{p.upper()}.tif"))[0][0] for p in ("vv", "vh")]
+            x["sentinel1"] = np.stack([_onto_grid(p.astype(np.float32), size, s1_name) for p in pols], -1)[:, :, None]
         months = np.array([_months_from_date(row.get("date"), 6)], dtype=np.int64)
         return x, months, np.asarray(row["label"], dtype=np.int64)
 
@@ -183,12 +183,11 @@ class ChipFolderReader:
     class_names: list[str] = field(default_factory=list)  # empty: the labels seen, sorted
     fractions: tuple[float, float, float] = (0.6, 0.0, 0.4)
     seed: int = 0
-    s3_endpoint: str | None = None
     name: str = "chips"
 
     def _table(self) -> list[dict]:
         uri = join(self.root, self.labels_csv)
-        storage = Storage(self.s3_endpoint)
+        storage = Storage()
         try:
             text = storage.read_text(uri)
         except FileNotFoundError:
@@ -222,7 +221,7 @@ class ChipFolderReader:
         return TaskInfo(self.name, self.kind, names)
 
     def rows(self) -> list[dict]:
-        storage = Storage(self.s3_endpoint)
+        storage = Storage()
         table, names = self._table(), self.info().class_names
         lookup = {n: i for i, n in enumerate(names)}
         auto = assign_splits([r["chip"] for r in table if not r.get("split")], self.fractions, self.seed)
@@ -253,15 +252,14 @@ class ChipFolderReader:
         return rows
 
     def load(self, row: dict):
-        storage = Storage(self.s3_endpoint)
         mod = get_modality(self.modality)
         bands = list(self.bands) or list(mod.bands)
         unknown = [b for b in bands if b not in mod.bands]
         if unknown:
             raise ValueError(f"bands {unknown} are not bands of {self.modality} ({list(mod.bands)})")
-        arr, meta = _read_tif(storage, row["chip"])  # (T*c, H, W)
+        arr, meta = _read_tif(row["chip"])  # (T*c, H, W)
         arr = arr.astype(np.float32)
-        if meta["nodata"] is not None and not np.isnan(meta["nodata"]):
+        if meta.get("nodata") is not None and not np.isnan(meta["nodata"]):
             arr[arr == meta["nodata"]] = np.nan
         if arr.shape[0] % len(bands):
             raise ValueError(f"{row['chip']}: {arr.shape[0]} bands is not a multiple of the {len(bands)} configured bands")
@@ -272,9 +270,9 @@ class ChipFolderReader:
             x[:, :, :, mod.bands.index(b)] = arr[j :: len(bands)].transpose(1, 2, 0)
         months = np.full(T, _months_from_date(row.get("date"), 6), np.int64)
         if self.kind == "segmentation":
-            m, mmeta = _read_tif(storage, row["mask"])
+            m, mmeta = _read_tif(row["mask"])
             label = m[0].astype(np.int64)
-            if mmeta["nodata"] is not None and not np.isnan(mmeta["nodata"]):
+            if mmeta.get("nodata") is not None and not np.isnan(mmeta["nodata"]):
                 label[m[0] == mmeta["nodata"]] = -1
             if label.shape != (H, W):
                 raise ValueError(f"{row['mask']}: mask is {label.shape}, chip {row['chip']} is {(H, W)}")
@@ -359,12 +357,11 @@ class GeoBenchReader:
     partition: str = "default"
     name: str = ""  # empty: the folder name
     default_month: int = 6
-    s3_endpoint: str | None = None
 
     def _specs(self):
         uri = join(self.root, "task_specs.pkl")
         try:
-            return _safe_loads(Storage(self.s3_endpoint).read_bytes(uri))
+            return _safe_loads(Storage().read_bytes(uri))
         except FileNotFoundError:
             raise FileNotFoundError(f"GEO-Bench task metadata {uri} not found") from None
 
@@ -386,7 +383,7 @@ class GeoBenchReader:
         return TaskInfo(name, kind, list(names))
 
     def rows(self) -> list[dict]:
-        storage = Storage(self.s3_endpoint)
+        storage = Storage()
         uri = join(self.root, f"{self.partition}_partition.json")
         try:
             part = json.loads(storage.read_text(uri))
@@ -407,7 +404,7 @@ class GeoBenchReader:
         import h5py
 
         info = self.info()
-        data = Storage(self.s3_endpoint).read_bytes(row["path"])
+        data = Storage().read_bytes(row["path"])
         with h5py.File(io.BytesIO(data), "r") as fp:
             try:
                 attrs = _safe_loads(ast.literal_eval(fp.attrs["pickle"]))
@@ -437,7 +434,7 @@ class GeoBenchReader:
                 x[mod_name] = np.full((*size, len(dates), mod.num_bands), np.nan, np.float32)
             for d, arr in by_date.items():
                 arr = arr[..., 0] if arr.ndim == 3 else arr
-                x[mod_name][:, :, dates.index(d), mod.bands.index(band)] = upsample_repeat(arr, size, row["path"])
+                x[mod_name][:, :, dates.index(d), mod.bands.index(band)] = _onto_grid(arr, size, row["path"])
         months = np.array([d.month - 1 if isinstance(d, datetime.date) else self.default_month for d in dates], np.int64)
         if info.kind == "segmentation":
             if label is None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from pipelines.common.ray_start import init_ray
 from pipelines.common.storage import Storage, join
 from pipelines.evaluation.extract import extract_features
 from pipelines.evaluation.readers import reader_from_config
@@ -20,54 +21,57 @@ from pipelines.evaluation.task import split_sizes
 
 @dataclass
 class DatasetConfig:
-    format: str = field(default="synth", metadata={"help": "synth | bigearthnet | chips | geobench"})
-    root: str = field(default="", metadata={"help": "dataset folder or URI (synth: the corpus root)"})
-    name: str = field(default="", metadata={"help": "task name in the report (default: per format)"})
-    kind: str = field(default="classification", metadata={"help": "chips/synth: classification | multilabel | segmentation"})
-    s1_root: str = field(default="", metadata={"help": "bigearthnet: the Sentinel-1 patch folders (optional)"})
-    modality: str = field(default="sentinel2_l2a", metadata={"help": "chips: modality of the chip bands"})
-    bands: list[str] = field(default_factory=list, metadata={"help": "chips: band names in file order"})
-    class_names: list[str] = field(default_factory=list, metadata={"help": "class names (default: labels seen)"})
-    labels_csv: str = field(default="labels.csv", metadata={"help": "chips: labels CSV inside root"})
-    partition: str = field(default="default", metadata={"help": "geobench: partition name"})
-    fractions: list[float] = field(default_factory=lambda: [0.7, 0.0, 0.3],
-                                   metadata={"help": "train/val/test fractions where the data has no split"})
-    split_block: int = field(default=4, metadata={"help": "synth: grid cells per side of a geographic split block"})
-    chip_size: int = field(default=64, metadata={"help": "synth: chip side in pixels (cropped from the tile)"})
-    chips_per_tile: int = field(default=1, metadata={"help": "synth: chips cut from each tile"})
-    max_timesteps: int = field(default=12, metadata={"help": "synth: first T timesteps kept"})
-    max_samples: int = field(default=0, metadata={"help": "synth: tiles read (0 = all)"})
-    modalities: list[str] = field(default_factory=lambda: ["sentinel2_l2a", "sentinel1", "landsat"],
-                                  metadata={"help": "synth: corpus modalities fed to the encoder"})
+    """The labelled dataset to evaluate on."""
+
+    format: str = "synth"  # synth | bigearthnet | chips | geobench
+    root: str = ""  # dataset folder or URI (synth: the corpus root)
+    name: str = ""  # task name in the report (default: per format)
+    kind: str = "classification"  # chips/synth: classification | multilabel | segmentation
+    s1_root: str = ""  # bigearthnet: the Sentinel-1 patch folders (optional)
+    modality: str = "sentinel2_l2a"  # chips: modality of the chip bands
+    bands: list[str] = field(default_factory=list)  # chips: band names in file order
+    class_names: list[str] = field(default_factory=list)  # class names (default: labels seen)
+    labels_csv: str = "labels.csv"  # chips: labels CSV inside root
+    partition: str = "default"  # geobench: partition name
+    # train/val/test fractions where the data has no split
+    fractions: list[float] = field(default_factory=lambda: [0.7, 0.0, 0.3])
+    split_block: int = 4  # synth: grid cells per side of a geographic split block
+    chip_size: int = 64  # synth: chip side in pixels (cropped from the tile)
+    chips_per_tile: int = 1  # synth: chips cut from each tile
+    max_timesteps: int = 12  # synth: first T timesteps kept
+    max_samples: int = 0  # synth: tiles read (0 = all)
+    # synth: corpus modalities fed to the encoder
+    modalities: list[str] = field(default_factory=lambda: ["sentinel2_l2a", "sentinel1", "landsat"])
 
 
 @dataclass
 class EvalConfig:
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    checkpoint: str = field(default="", metadata={"help": "trained encoder checkpoint URI (empty: baselines only)"})
-    baselines: list[str] = field(default_factory=lambda: ["random", "band_stats"],
-                                 metadata={"help": "random (random-init encoder, same size) and/or band_stats"})
-    random_size: str = field(default="", metadata={"help": "size of the random encoder (default: the checkpoint's)"})
-    patch_size: int = 4
-    pooling: str = field(default="mean", metadata={"help": "mean | max (classification)"})
-    probes: list[str] = field(default_factory=lambda: ["knn", "linear"])
-    k: int = 20
-    Cs: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0],
-                            metadata={"help": "logistic regression C grid, chosen on the held-out split"})
-    val_fraction: float = field(default=0.2, metadata={"help": "held out of train to pick C / lr when no val split"})
-    seg_lrs: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1])
-    seg_epochs: int = 50
-    seed: int = 0
-    batch_size: int = 16
-    num_actors: int = 1
-    out: str = field(default="runs/eval", metadata={"help": "output folder or URI for eval.json / eval.md"})
-    s3_endpoint: str = ""
-    ray_address: str = field(default="", metadata={"help": "Ray cluster address (empty: local / already initialised)"})
+    """`olmoearth eval`: kNN and linear probes of a frozen encoder and baselines on a labelled dataset."""
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)  # the labelled dataset
+    checkpoint: str = ""  # trained encoder: any source olmoearth.load takes (empty: baselines only)
+    # random (random-init encoder, same size) and/or band_stats
+    baselines: list[str] = field(default_factory=lambda: ["random", "band_stats"])
+    random_size: str = ""  # size of the random encoder (default: the checkpoint's)
+    patch_size: int = 4  # encoder patch size, 1..8
+    pooling: str = "mean"  # mean | max (classification)
+    probes: list[str] = field(default_factory=lambda: ["knn", "linear"])  # knn and/or linear
+    k: int = 20  # neighbours of the kNN probe
+    # logistic regression C grid, chosen on the held-out split
+    Cs: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
+    val_fraction: float = 0.2  # held out of train to pick C / lr when no val split
+    seg_lrs: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1])  # segmentation head lrs tried
+    seg_epochs: int = 50  # segmentation head training epochs
+    seed: int = 0  # seed of splits, random encoder and probes
+    batch_size: int = 16  # chips per embedding batch
+    num_actors: int = 1  # embedding actors (Ray Data actor pool size)
+    out: str = "runs/eval"  # output folder or URI for eval.json / eval.md
+    ray_address: str = ""  # Ray cluster address (empty: RAY_ADDRESS, else a local cluster)
 
 
 def build_reader(cfg: EvalConfig):
     d = cfg.dataset
-    common = {"s3_endpoint": cfg.s3_endpoint or None}
+    common = {}
     if d.name:
         common["name"] = d.name
     if d.format == "bigearthnet":
@@ -97,7 +101,7 @@ def feature_sources(cfg: EvalConfig) -> dict[str, dict]:
         if not cfg.random_size:  # the random twin copies the trained encoder's architecture
             from pipelines.evaluation.features import encoder_shape, load_source
 
-            enc = load_source(sources["trained"], Storage(cfg.s3_endpoint or None))
+            enc = load_source(sources["trained"])
             random_spec["overrides"] = encoder_shape(enc)
     for b in cfg.baselines:
         if b == "random":
@@ -112,11 +116,8 @@ def feature_sources(cfg: EvalConfig) -> dict[str, dict]:
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    import ray
-
     t0 = time.time()
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address or None)
+    init_ray(address=cfg.ray_address or None)
     reader = build_reader(cfg)
     info = reader.info()
     rows = reader.rows()
@@ -126,7 +127,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     sources = feature_sources(cfg)
     dense = info.kind == "segmentation"
     feats = extract_features(reader, rows, sources, patch_size=cfg.patch_size, pooling=cfg.pooling, dense=dense,
-                             batch_size=cfg.batch_size, num_actors=cfg.num_actors, s3_endpoint=cfg.s3_endpoint or None)
+                             batch_size=cfg.batch_size, num_actors=cfg.num_actors)
     t_embed = time.time() - t0
     feats, no_data = feats.without_empty()
     if no_data:
@@ -150,7 +151,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         "results": records,
         "seconds": {"embed": round(t_embed, 2), "total": round(time.time() - t0, 2)},
     }
-    storage = Storage(cfg.s3_endpoint or None)
+    storage = Storage()
     storage.write_text(join(cfg.out, "eval.json"), json.dumps(report, indent=2))
     storage.write_text(join(cfg.out, "eval.md"), markdown_table(records, title=f"Evaluation: {info.name}"))
     print(f"eval wrote {join(cfg.out, 'eval.json')} and {join(cfg.out, 'eval.md')}", flush=True)

@@ -5,9 +5,10 @@ map (`10_labels/`).
 Chips are cut from the 256 x 256 tiles (`chip_size`, `chips_per_tile`) and keep the first
 `max_timesteps` months of `modalities`; every chip of a tile stays in its tile's split. A chip's class
 (classification) is the dominant class of the label map inside the chip (the tile's label when the chip
-is the whole tile); segmentation uses the map itself. Class ids are the generator's (`pipelines.corpus.synth.CLASSES`). Splits are by geography: tiles
-(`EPSG:<code>_<col>_<row>`) are grouped into blocks of `split_block` x `split_block` grid cells and whole
-blocks go to train, val or test, so no tile (and no neighbourhood) is in two splits."""
+is the whole tile); segmentation uses the map itself. Class ids are the corpus layout's
+(`pipelines.corpus.raw_layout.CLASSES`). Splits are by geography: tiles (`EPSG:<code>_<col>_<row>`) are
+grouped into blocks of `split_block` x `split_block` grid cells and whole blocks go to train, val or test,
+so no tile (and no neighbourhood) is in two splits."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pipelines.common.storage import Storage, join
 from pipelines.evaluation.task import TaskInfo, assign_splits
 
 # The EuroSAT-like task of configs/eval_synth.yaml (single-date Sentinel-2 chips of 32 px, 8 per tile, split by
-# 2 x 2-cell blocks); pretraining's in-loop probe scores the same task (pipelines/pretrain/train.py load_probe).
+# 2 x 2-cell blocks); pretraining's in-loop probe scores the same task (pipelines/evaluation/hook.py make_probe).
 EUROSAT_LIKE = {"chip_size": 32, "chips_per_tile": 8, "max_timesteps": 1, "split_block": 2,
                 "fractions": (0.6, 0.0, 0.4), "modalities": ("sentinel2_l2a",)}  # fmt: skip
 
@@ -47,22 +48,21 @@ def chip_offsets(chip_size: int, count: int, tile: int = TILE_SIZE) -> list[tupl
 
 @dataclass
 class SynthTaskReader:
-    root: str
+    root: str  # the labelled corpus's root (local or s3://)
     kind: str = "classification"  # or "segmentation" (the per-pixel class maps)
-    chip_size: int = 64
-    chips_per_tile: int = 1
-    max_timesteps: int = 12
-    max_samples: int = 0
-    split_block: int = 4
-    fractions: tuple[float, float, float] = (0.7, 0.0, 0.3)
-    seed: int = 0
-    s3_endpoint: str | None = None
-    name: str = "synth"
+    chip_size: int = 64  # chip side in px, cut from the 256 px tiles
+    chips_per_tile: int = 1  # chips cut from each tile
+    max_timesteps: int = 12  # the first T months kept
+    max_samples: int = 0  # tiles read (0: all)
+    split_block: int = 4  # grid cells per side of a geographic split block
+    fractions: tuple[float, float, float] = (0.7, 0.0, 0.3)  # train / val / test share of the blocks
+    seed: int = 0  # seed of the split
+    name: str = "synth"  # task name in the report
     modalities: tuple[str, ...] = ENCODER_MODALITIES  # of the corpus, fed to the encoder
 
     def _labels(self) -> tuple[dict[str, int], list[str]]:
         uri = join(self.root, "labels.csv")
-        storage = Storage(self.s3_endpoint)
+        storage = Storage()
         try:
             text = storage.read_text(uri)
         except FileNotFoundError:
@@ -81,7 +81,7 @@ class SynthTaskReader:
                 raise ValueError(f"{uri} line {i}: label {r['label']} named both {names[int(r['label'])]!r} and {r['label_name']!r}")
         if not labels:
             raise ValueError(f"{uri}: no rows")
-        from pipelines.corpus.synth import CLASSES
+        from pipelines.corpus.raw_layout import CLASSES
 
         for i, n in names.items():
             if not 0 <= i < len(CLASSES) or CLASSES[i] != n:
@@ -94,7 +94,7 @@ class SynthTaskReader:
     def rows(self) -> list[dict]:
         from pipelines.corpus.raw_layout import list_samples
 
-        storage = Storage(self.s3_endpoint)
+        storage = Storage()
         labels, _ = self._labels()
         samples = sorted(list_samples(self.root, storage))
         if not samples:
@@ -114,9 +114,9 @@ class SynthTaskReader:
         return rows
 
     def load(self, row: dict):
-        from pipelines.corpus.raster import read_sample
+        from pipelines.corpus.sample import read_sample
 
-        storage = Storage(self.s3_endpoint)
+        storage = Storage()
         key = (self.root, row["sample_id"], tuple(self.modalities))
         if _TILE_CACHE.get("key") != key:  # chips of one tile usually come one after another
             x, months, _ = read_sample(self.root, row["sample_id"], storage, modalities=list(self.modalities))
@@ -142,7 +142,7 @@ _TILE_CACHE: dict = {}  # the last tile read by this process
 def read_label_map(root: str, sample_id: str, storage: Storage) -> np.ndarray:
     """The tile's per-pixel class map from `10_labels/` as (256, 256) int64, -1 where unlabelled."""
     from pipelines.corpus import raw_layout as rl
-    from pipelines.corpus.raster import read_geotiff
+    from pipelines.imagery.geotiff import read_geotiff
 
     uri = join(root, rl.LABELS_FOLDER, rl.file_name(*rl.parse_sample_id(sample_id), 10))
     if not storage.exists(uri):

@@ -64,16 +64,3 @@ def assign_splits(groups: list[str], fractions: tuple[float, float, float], seed
 
 def split_sizes(rows: list[dict]) -> dict[str, int]:
     return {s: sum(r["split"] == s for r in rows) for s in SPLITS}
-
-
-def upsample_repeat(band: np.ndarray, size: tuple[int, int], where: str) -> np.ndarray:
-    """Bring a (h, w) band stored at a coarser resolution onto the (H, W) 10 m grid by pixel repetition
-    (as the original's data); the factor must be a whole number."""
-    h, w = band.shape
-    H, W = size
-    if (h, w) == (H, W):
-        return band
-    if H % h or W % w or H // h != W // w:
-        raise ValueError(f"{where}: band of {h}x{w} px cannot be repeated onto a {H}x{W} grid")
-    f = H // h
-    return np.repeat(np.repeat(band, f, axis=0), f, axis=1)

@@ -1,20 +1,17 @@
-"""The area's pixel grid, cut into overlapping square tiles, and the weights that blend them back together.
+"""The one UTM pixel grid that every stage places its pixels on, and the square tiles a grid is cut into.
 
-    grid: W x H pixels of 10 m from a top-left corner (x0, y0) in a projected CRS (UTM)
+    grid:  W x H pixels of 10 m from a top-left corner (x0, y0) in a projected CRS (UTM), the corners snapped to
+           a multiple of some cell (`area_grid`), so corpus cells, mapping tiles and selection cells of the same
+           CRS line up pixel for pixel
     tiles: `size` px squares stepping by size - overlap; the last row / column is shifted back to end at the
            grid's edge, so every tile lies inside the grid (a grid smaller than one tile gets one tile that
            sticks out past its right / bottom edge; what lies outside is cropped away)
-    weights: per tile, per output token: 1 inside, a linear ramp over the `overlap / p` tokens shared with a
-           neighbour; so the mosaic equals each tile's own embedding wherever only that tile reaches
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass
-
-import numpy as np
+import math
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -55,6 +52,7 @@ class Tile:
 
 
 def starts(length: int, size: int, stride: int) -> list[int]:
+    """Offsets of windows of `size` stepping by `stride` over `length`, the last one ending at the edge."""
     if length <= size:
         return [0]
     out = list(range(0, length - size, stride))
@@ -74,27 +72,32 @@ def make_tiles(grid: Grid, size: int, overlap: int, patch_size: int) -> list[Til
     return [Tile(r, c, x, y, size) for r, y in enumerate(ys) for c, x in enumerate(xs)]
 
 
-def ramp(n: int, m: int, before: bool, after: bool) -> np.ndarray:
-    """1-D weights over n tokens: linear ramp over m tokens at a side that has a neighbour."""
-    w = np.ones(n, dtype=np.float32)
-    if m > 0:
-        r = (np.arange(m, dtype=np.float32) + 0.5) / m
-        if before:
-            w[:m] = np.minimum(w[:m], r)
-        if after:
-            w[n - m :] = np.minimum(w[n - m :], r[::-1])
-    return w
+# ----------------------------------------------------------------------------------------------------------
+# Area of interest -> UTM grid
 
 
-def tile_weights(tile: Tile, tiles_per_row: int, tiles_per_col: int, overlap_tokens: int, size_tokens: int):
-    wy = ramp(size_tokens, overlap_tokens, tile.row > 0, tile.row < tiles_per_col - 1)
-    wx = ramp(size_tokens, overlap_tokens, tile.col > 0, tile.col < tiles_per_row - 1)
-    return wy[:, None] * wx[None, :]  # (ht, wt)
+def utm_epsg(lon: float, lat: float) -> int:
+    zone = int(math.floor((lon + 180.0) / 6.0)) % 60 + 1
+    return (32600 if lat >= 0 else 32700) + zone
 
 
-def signature(d: dict) -> str:
-    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+def bbox_to_crs(bbox: tuple[float, float, float, float], src_crs: str, dst_crs: str) -> tuple:
+    """(minx, miny, maxx, maxy) in src_crs -> the bounding box in dst_crs (densified edges)."""
+    from rasterio.warp import transform_bounds
+
+    return tuple(transform_bounds(src_crs, dst_crs, *bbox, densify_pts=21))
 
 
-def grid_dict(grid: Grid) -> dict:
-    return asdict(grid)
+def area_grid(bbox, bbox_crs: str, crs: str | None, resolution: float, snap: float) -> tuple[str, tuple, int, int]:
+    """The output pixel grid covering bbox: (crs, (x0, y0) top-left, width px, height px) at `resolution`
+    metres, corners snapped outward to multiples of `snap` metres. crs None: the UTM zone of the bbox centre."""
+    if crs is None:
+        if bbox_crs.upper() not in ("EPSG:4326", "OGC:CRS84"):
+            lon_lat = bbox_to_crs(bbox, bbox_crs, "EPSG:4326")
+        else:
+            lon_lat = bbox
+        crs = f"EPSG:{utm_epsg((lon_lat[0] + lon_lat[2]) / 2, (lon_lat[1] + lon_lat[3]) / 2)}"
+    minx, miny, maxx, maxy = bbox if bbox_crs == crs else bbox_to_crs(bbox, bbox_crs, crs)
+    x0, y1 = math.floor(minx / snap) * snap, math.ceil(maxy / snap) * snap
+    x1, y0 = math.ceil(maxx / snap) * snap, math.floor(miny / snap) * snap
+    return crs, (x0, y1), int(round((x1 - x0) / resolution)), int(round((y1 - y0) / resolution))

@@ -22,13 +22,13 @@ class OptimConfig:
     """AdamW and its schedule (defaults: the original's Base recipe)."""
 
     lr: float = 1e-4  # peak learning rate
-    weight_decay: float = 0.02
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
+    weight_decay: float = 0.02  # AdamW weight decay, on every trainable parameter (as the original)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.999  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
     warmup_steps: int = 8000  # linear warmup from 0 to lr
     final_lr_ratio: float = 0.1  # cosine decays to this fraction of lr at max_steps
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # gradients clipped to this global norm
     fused: str = "auto"  # fused AdamW kernel: "auto" (on GPU), "true", "false"
 
 
@@ -70,8 +70,8 @@ def torch_extensions_dir() -> str:
     """Where DeepSpeed caches the ops it compiles at start-up (on CPU: its shared-memory all-reduce), one
     folder per Python environment. torch's default (~/.cache/torch_extensions/py311_cpu) is shared by all of
     a user's environments; the build command names the environment's paths, so a run from another checkout
-    or venv (a clean-clone CI, say) rewrites it and the next run here compiles the op again: 40-100 s of
-    start-up on 2 cores, seen as 94-99 s start-ups in the pretraining bench."""
+    or venv (a clean-clone CI, say) rewrites it and the next run here compiles the op again, which costs
+    every worker start-up a compilation."""
     env = hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]
     return os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions", f"env-{env}")
 
@@ -124,10 +124,9 @@ def deepspeed_config(
         adamw["fused"] = True
     # ZeRO 1/2 on CPU: no contiguous gradient buffer. With it, each parameter's backward hook copies its
     # gradient into a bucket and the epilogue copies it again into the partition buffer; without it the
-    # gradients are flattened once at the reduction (ZeRO-1 then needs no per-parameter hooks at all).
-    # Measured (1 worker, nano, ZeRO-2): DeepSpeed's hooks, epilogue and step took ~59 instead of ~90 ms of
-    # thread time per step. The buffer only avoids memory fragmentation, which matters on GPU (kept there);
-    # it is not in the checkpoints. ZeRO-3 has its own gradient path: unchanged.
+    # gradients are flattened once at the reduction (ZeRO-1 then needs no per-parameter hooks at all), a
+    # good part of DeepSpeed's per-step cost on CPU. The buffer only avoids memory fragmentation, which
+    # matters on GPU (kept there); it is not in the checkpoints. ZeRO-3 has its own gradient path: unchanged.
     contiguous = use_gpu or zero_stage == 3
     zero: dict = {"stage": zero_stage, "contiguous_gradients": contiguous, "overlap_comm": use_gpu}
     if zero_stage == 3:

@@ -11,11 +11,11 @@ Design (one Ray Data row = ONE WHOLE COLLATED BATCH, because the patch size and 
    written), then a shuffle inside consecutive windows of `local_shuffle_buffer` samples;
    shuffle="full": one global permutation of all cells every epoch, then the same window shuffle. Memory
    is the same (a window at a time); the price of "full" is random row-group reads instead of sequential
-   shard reads (see docs/corpus.md for measured samples/s).
-2. The windows become `ray.data.from_items(...)` and a `flat_map` on CPU data workers reads the window's
-   cells (one Parquet row group = one cell, read one at a time), and for every batch of the window draws
-   the original's sampling (reference section 4): a patch size p in [min_patch_size, max_patch_size], a
-   number of tokens per side hw in [1, max_tokens_per_side], a random crop of hw * p pixels inside each
+   shard reads.
+2. The windows become `ray.data.from_items(...)` and a `flat_map` on CPU data workers (`window_batches`,
+   given the StreamConfig and NormStats objects) reads the window's cells (one Parquet row group = one
+   cell, read one at a time), and for every batch of the window draws the original's sampling: a patch
+   size p in [min_patch_size, max_patch_size], a number of tokens per side hw in [1, max_tokens_per_side], a random crop of hw * p pixels inside each
    128 x 128 sample and a random contiguous time window of as many timesteps as the token budget allows:
        T_b = min(12, (budget - hw^2 * n_static_bandsets) // (hw^2 * n_spacetime_bandsets)),
    counted over ALL modalities of the batch (maps included), so every sample holds <= budget tokens.
@@ -23,8 +23,9 @@ Design (one Ray Data row = ONE WHOLE COLLATED BATCH, because the patch size and 
    the build's statistics, NaN -> 0, and collation. Flips/rotations are done by the model per view
    (olmoearth/layout.py), not here.
 3. Each output row: {"batch": pickle of the numpy batch dict, "index": batch number in the epoch,
-   "epoch", "num_samples", "samples": JSON [[shard, row, quadrant], ...] of its samples}; `preserve_order` keeps rows in index order, so (seed, epoch) replays exactly
-   and `skip_batches` resumes mid-epoch. Batches are full except possibly the last of the epoch
+   "epoch", "num_samples", "samples": JSON [[shard, row, quadrant], ...] of its samples};
+   `preserve_order` keeps rows in index order, so (seed, epoch) replays exactly and `skip_batches`
+   resumes mid-epoch. Batches are full except possibly the last of the epoch
    (dropped with drop_last=True). `streaming_split` (behind ray.train.get_dataset_shard, equal=True) may
    drop up to world_size - 1 whole batches at the end of an epoch; `epoch_plan()` gives the expected
    count so a trainer can report what it did not see.
@@ -37,38 +38,37 @@ import json
 import math
 import pickle
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from olmoearth.masking import modality_cross_random, token_presence
 from olmoearth.modalities import MAX_TIMESTEPS, MODALITIES, NormStats
 from pipelines.common.storage import Storage, join
-from pipelines.corpus.build import FORMAT_VERSION, read_cell
-from pipelines.corpus.raster import cut_stored, grid_crop
+from pipelines.corpus.shards import load_manifest, load_norm_stats, read_cell
+from pipelines.corpus.stored import cut_stored, grid_crop
 
 SUB = 128  # training sample side, pixels (a quarter of a 256 x 256 cell)
 
 
 @dataclass
 class StreamConfig:
-    shards_uri: str = field(default="", metadata={"help": "output of build-corpus (has manifest.json)"})
-    batch_size: int = field(default=32, metadata={"help": "128x128 samples per batch"})
-    token_budget: int = field(default=2250, metadata={"help": "most tokens per sample (all modalities)"})
-    min_patch_size: int = 1
-    max_patch_size: int = 8
-    max_tokens_per_side: int = 12
-    shuffle: str = field(default="local", metadata={"help": "local (shard order + window) or full"})
-    local_shuffle_buffer: int = field(default=64, metadata={"help": "samples per shuffle window"})
-    seed: int = 0
-    num_epochs: int = 1
-    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
-    encode_ratio: float = 0.5
-    decode_ratio: float = 0.5
-    min_encoded_bandsets: int = 2
-    drop_last: bool = False
-    prefetch_batches: int = 2
-    num_cpus_per_task: float = 1.0
+    shards_uri: str = ""  # output of build-corpus (has manifest.json)
+    batch_size: int = 32  # 128 x 128 samples per batch (per worker per forward/backward in training)
+    token_budget: int = 2250  # most tokens per sample (all modalities)
+    min_patch_size: int = 1  # smallest patch size drawn per batch, pixels
+    max_patch_size: int = 8  # largest patch size drawn per batch, pixels
+    max_tokens_per_side: int = 12  # largest crop drawn per batch, in tokens per side
+    shuffle: str = "local"  # local (new shard order + window shuffle) or full (a global cell permutation)
+    local_shuffle_buffer: int = 64  # samples per shuffle window
+    seed: int = 0  # seed of the epoch order, crops and masks (with the epoch number)
+    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))  # modalities read into batches
+    encode_ratio: float = 0.5  # share of a sample's present tokens the encoder sees
+    decode_ratio: float = 0.5  # share of a sample's present tokens the decoder predicts
+    min_encoded_bandsets: int = 2  # fewest bandsets with encoded tokens per sample
+    drop_last: bool = False  # drop each window's last, short batch
+    prefetch_batches: int = 2  # batches a reader prefetches
+    num_cpus_per_task: float = 1.0  # Ray CPUs of each batch-making task
 
     def __post_init__(self):
         if self.shuffle not in ("local", "full"):
@@ -80,25 +80,6 @@ class StreamConfig:
             raise ValueError("StreamConfig: need 1 <= min_patch_size <= max_patch_size")
         if self.batch_size < 1:
             raise ValueError("StreamConfig.batch_size must be >= 1")
-
-
-def load_manifest(shards_uri: str, storage: Storage) -> dict:
-    uri = join(shards_uri, "manifest.json")
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"{uri}: no manifest; run `olmoearth build-corpus` first")
-    manifest = json.loads(storage.read_text(uri))
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{uri}: shard format {manifest.get('format_version')}, this stream reads format "
-                         f"{FORMAT_VERSION}; rebuild the corpus with `olmoearth build-corpus`")  # fmt: skip
-    return manifest
-
-
-def load_norm_stats(shards_uri: str, storage: Storage) -> NormStats:
-    """The per-band statistics the corpus build wrote (norm_stats.json next to the shards)."""
-    uri = join(shards_uri, "norm_stats.json")
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"{uri}: no normalisation statistics; run `olmoearth build-corpus` first")
-    return NormStats.from_dict(json.loads(storage.read_text(uri)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -134,14 +115,8 @@ def num_batches(cfg: StreamConfig, storage: Storage, epoch: int = 0) -> int:
     return sum(w["num_batches"] for w in epoch_plan(cfg, storage, epoch))
 
 
-def tokens_per_sample(hw: int, t: int, modalities) -> int:
-    n_st = sum(MODALITIES[m].num_bandsets for m in modalities if MODALITIES[m].temporal)
-    n_static = sum(MODALITIES[m].num_bandsets for m in modalities if not MODALITIES[m].temporal)
-    return hw * hw * (n_static + t * n_st)
-
-
 def draw_batch_shape(rng: np.random.Generator, cfg: StreamConfig) -> tuple[int, int, int]:
-    """(patch size p, tokens per side hw, timesteps T_b) within the token budget (reference section 4)."""
+    """(patch size p, tokens per side hw, timesteps T_b) within the token budget (the original's sampling)."""
     p = int(rng.integers(cfg.min_patch_size, cfg.max_patch_size + 1))
     hw = int(rng.integers(1, min(cfg.max_tokens_per_side, SUB // p) + 1))
     n_st = sum(MODALITIES[m].num_bandsets for m in cfg.modalities if MODALITIES[m].temporal)
@@ -162,98 +137,115 @@ def draw_batch_shape(rng: np.random.Generator, cfg: StreamConfig) -> tuple[int, 
 # Worker side: one window -> its batches
 
 
-def window_batches(item: dict, cfg_json: str, norm_json: str, endpoint: str | None) -> list[dict]:
-    """Ray Data flat_map: read the window's cells, crop, mask, normalise and collate its batches."""
-    import pyarrow.parquet as pq
-
-    cfg = StreamConfig(**json.loads(cfg_json))
-    norm = NormStats.from_dict(json.loads(norm_json))
-    storage = Storage(endpoint)
-    subs, epoch, j = json.loads(item["subs"]), item["epoch"], item["window"]
+def plan_window(num_subs: int, num_batches: int, cfg: StreamConfig, rng: np.random.Generator
+                ) -> tuple[list, list, dict]:  # fmt: skip
+    """The window's random draws, all up front so (seed, epoch, window) replays exactly: its batches (sample
+    positions in the window), each batch's (p, hw, T_b) and per sample (crop side, y and x offset inside its
+    128 x 128 quadrant, time-window position u in [0, 1))."""
     B = cfg.batch_size
-    rng = np.random.default_rng([cfg.seed, epoch, j, 29])
-    order = rng.permutation(len(subs))
-    chunks = [order[i : i + B] for i in range(0, item["num_batches"] * B, B)]
+    order = rng.permutation(num_subs)
+    chunks = [order[i : i + B] for i in range(0, num_batches * B, B)]
     shapes = [draw_batch_shape(rng, cfg) for _ in chunks]
-    # per sample: crop offsets and a time-window position u in [0, 1), drawn up front (deterministic)
     crop = {}
     for (p, hw, _), idx in zip(shapes, chunks, strict=True):
         side = hw * p
         for i in idx:
-            crop[int(i)] = (
-                side,
-                int(rng.integers(0, SUB - side + 1)),
-                int(rng.integers(0, SUB - side + 1)),
-                float(rng.random()),
-            )
-    skip = item.get("skip", 0)
-    needed = {int(i) for idx in chunks[skip:] for i in idx}
+            crop[int(i)] = (side, int(rng.integers(0, SUB - side + 1)), int(rng.integers(0, SUB - side + 1)),
+                            float(rng.random()))  # fmt: skip
+    return chunks, shapes, crop
 
-    # read each needed cell once, cut every needed sample of it
+
+def read_samples(cfg: StreamConfig, storage: Storage, subs: list, needed: set[int], crop: dict) -> dict:
+    """{sample: (stored pixels under its crop per modality, months, T, u)}: each needed cell read once, only
+    the stored pixels under each crop kept, so a window's memory stays bounded."""
+    import pyarrow.parquet as pq
+
     by_cell: dict[tuple, list[int]] = {}
     for i in sorted(needed):
         path, r, _ = subs[i]
         by_cell.setdefault((path, r), []).append(i)
-    cut: dict[int, tuple[dict, np.ndarray]] = {}
+    cut: dict[int, tuple] = {}
     files = {}
-    root = cfg.shards_uri
     for (path, r), idxs in sorted(by_cell.items()):
         if path not in files:
-            fs, p_ = storage.pyarrow_fs(join(root, path))
+            fs, p_ = storage.pyarrow_fs(join(cfg.shards_uri, path))
             files[path] = pq.ParquetFile(fs.open_input_file(p_))
         months, cell = read_cell(files[path], r, cfg.modalities)
-        T = len(months)
         for i in idxs:
             side, oy, ox, u = crop[i]
             q = subs[i][2]
             y0, x0 = (q // 2) * SUB + oy, (q % 2) * SUB + ox
-            spatial = {}
-            for m in cfg.modalities:  # keep only the stored pixels under the crop: bounded memory per window
-                spatial[m] = side if cell[m] is None else cut_stored(m, cell[m], y0, x0, side)
-            cut[i] = (spatial, months, T, u)
+            spatial = {m: side if cell[m] is None else cut_stored(m, cell[m], y0, x0, side) for m in cfg.modalities}
+            cut[i] = (spatial, months, len(months), u)
         del cell
+    return cut
+
+
+def sample_inputs(sample: tuple, side: int, t_b: int) -> tuple[dict, np.ndarray]:
+    """One sample's inputs of a batch with T_b timesteps: {modality: (side, side, t, C)} on 10 m in model
+    units (NaN where missing) and its T_b months, from a random time window (at u) of its timesteps."""
+    cells, months, T, u = sample
+    t0 = int(u * (T - t_b + 1)) if T > t_b else 0
+    x = {}
+    for m, c in cells.items():
+        mod = MODALITIES[m]
+        tm = t_b if mod.temporal else 1
+        if not isinstance(c, tuple):  # the sample lacks this modality
+            x[m] = np.full((side, side, tm, mod.num_bands), np.nan, np.float32)
+            continue
+        arrays, dy, dx = c
+        arrays = [a[t0 : t0 + tm] for a in arrays] if mod.temporal else arrays
+        a = grid_crop(m, arrays, dy, dx, side)  # onto 10 m, model units, (side, side, t, C)
+        if a.shape[2] < tm:  # the sample has fewer timesteps than the batch: pad as missing
+            pad = np.full((side, side, tm - a.shape[2], mod.num_bands), np.nan, np.float32)
+            a = np.concatenate([a, pad], axis=2)
+        x[m] = a
+    mon = months[t0 : t0 + t_b]
+    if len(mon) < t_b:
+        last = mon[-1] if len(mon) else 0
+        mon = np.concatenate([mon, (last + 1 + np.arange(t_b - len(mon))) % 12])
+    return x, mon
+
+
+def make_sample(sample: tuple, p: int, hw: int, t_b: int, cfg: StreamConfig, norm: NormStats,
+                rng: np.random.Generator) -> tuple[dict, np.ndarray, dict, dict]:
+    """(normalised inputs with NaN -> 0, months, mask of view a, mask of view b) of one sample."""
+    x, months = sample_inputs(sample, p * hw, t_b)
+    present = token_presence(x, p)
+    kw = dict(encode_ratio=cfg.encode_ratio, decode_ratio=cfg.decode_ratio,
+              min_encoded_bandsets=cfg.min_encoded_bandsets)  # fmt: skip
+    mask_a = modality_cross_random(present, rng, **kw)
+    mask_b = modality_cross_random(present, rng, **kw)
+    x = {m: np.nan_to_num(norm.normalise(m, v), nan=0.0) for m, v in x.items()}
+    return x, months, mask_a, mask_b
+
+
+def collate(samples: list[tuple[dict, np.ndarray, dict, dict]], p: int, modalities) -> dict:
+    """The olmoearth/layout.py batch dict (numpy) of made samples."""
+    return {
+        "x": {m: np.stack([s[0][m] for s in samples]).astype(np.float32) for m in modalities},
+        "months": np.stack([s[1] for s in samples]).astype(np.int64),
+        "patch_size": int(p),
+        "mask_a": {m: np.stack([s[2][m] for s in samples]) for m in modalities},
+        "mask_b": {m: np.stack([s[3][m] for s in samples]) for m in modalities},
+    }
+
+
+def window_batches(item: dict, cfg: StreamConfig, norm: NormStats) -> list[dict]:
+    """Ray Data flat_map: read the window's cells, crop, mask, normalise and collate its batches (the first
+    item["skip"] batches are drawn but not made)."""
+    subs, epoch = json.loads(item["subs"]), item["epoch"]
+    rng = np.random.default_rng([cfg.seed, epoch, item["window"], 29])
+    chunks, shapes, crop = plan_window(len(subs), item["num_batches"], cfg, rng)
+    skip = item.get("skip", 0)
+    needed = {int(i) for idx in chunks[skip:] for i in idx}
+    cut = read_samples(cfg, Storage(), subs, needed, crop)
     out = []
     for b, ((p, hw, t_budget), idx) in enumerate(zip(shapes, chunks, strict=True)):
         if b < skip:
             continue
         t_b = min(t_budget, max(cut[int(i)][2] for i in idx))
-        xs, ms, ma, mb = [], [], [], []
-        for i in idx:
-            cells, months, T, u = cut[int(i)]
-            t0 = int(u * (T - t_b + 1)) if T > t_b else 0
-            x = {}
-            side = p * hw
-            for m, c in cells.items():
-                mod = MODALITIES[m]
-                tm = t_b if mod.temporal else 1
-                if not isinstance(c, tuple):  # the sample lacks this modality
-                    x[m] = np.full((side, side, tm, mod.num_bands), np.nan, np.float32)
-                    continue
-                arrays, dy, dx = c
-                arrays = [a[t0 : t0 + tm] for a in arrays] if mod.temporal else arrays
-                a = grid_crop(m, arrays, dy, dx, side)  # onto 10 m, model units, (side, side, t, C)
-                if a.shape[2] < tm:  # the sample has fewer timesteps than the batch: pad as missing
-                    pad = np.full((side, side, tm - a.shape[2], mod.num_bands), np.nan, np.float32)
-                    a = np.concatenate([a, pad], axis=2)
-                x[m] = a
-            mon = months[t0 : t0 + t_b]
-            if len(mon) < t_b:
-                last = mon[-1] if len(mon) else 0
-                mon = np.concatenate([mon, (last + 1 + np.arange(t_b - len(mon))) % 12])
-            present = token_presence(x, p)
-            kw = dict(encode_ratio=cfg.encode_ratio, decode_ratio=cfg.decode_ratio,
-                      min_encoded_bandsets=cfg.min_encoded_bandsets)  # fmt: skip
-            ma.append(modality_cross_random(present, rng, **kw))
-            mb.append(modality_cross_random(present, rng, **kw))
-            xs.append({m: np.nan_to_num(norm.normalise(m, v), nan=0.0) for m, v in x.items()})
-            ms.append(mon)
-        batch = {
-            "x": {m: np.stack([s[m] for s in xs]).astype(np.float32) for m in cfg.modalities},
-            "months": np.stack(ms).astype(np.int64),
-            "patch_size": int(p),
-            "mask_a": {m: np.stack([s[m] for s in ma]) for m in cfg.modalities},
-            "mask_b": {m: np.stack([s[m] for s in mb]) for m in cfg.modalities},
-        }
+        batch = collate([make_sample(cut[int(i)], p, hw, t_b, cfg, norm, rng) for i in idx], p, cfg.modalities)
         out.append({"batch": pickle.dumps(batch, protocol=5), "index": item["first_batch"] + b, "epoch": epoch,
                     "num_samples": len(idx), "samples": json.dumps([subs[int(i)] for i in idx])})  # fmt: skip
     return out
@@ -280,9 +272,7 @@ def epoch_windows(cfg: StreamConfig, storage: Storage, epoch: int = 0,
         items.append(w)
     if not items:
         raise ValueError(f"epoch {epoch} has no batches after skipping {skip_batches} ({cfg.shards_uri})")
-    fn = functools.partial(window_batches, cfg_json=json.dumps(asdict(cfg)), norm_json=json.dumps(_norm_dict(norm)),
-                           endpoint=storage.endpoint)  # fmt: skip
-    return items, fn
+    return items, functools.partial(window_batches, cfg=cfg, norm=norm)
 
 
 def training_dataset(cfg: StreamConfig, storage: Storage, epoch: int = 0, skip_batches: int = 0):
@@ -295,10 +285,6 @@ def training_dataset(cfg: StreamConfig, storage: Storage, epoch: int = 0, skip_b
     ds = ds.flat_map(fn, num_cpus=cfg.num_cpus_per_task)
     ds.context.execution_options.preserve_order = True
     return ds
-
-
-def _norm_dict(norm: NormStats) -> dict:
-    return norm.to_dict()
 
 
 def to_torch(batch: dict, device="cpu") -> dict:
@@ -316,14 +302,19 @@ def to_torch(batch: dict, device="cpu") -> dict:
     }
 
 
+def indexed_batches(shard_or_dataset, cfg: StreamConfig, device="cpu") -> Iterator[tuple[int, dict]]:
+    """(batch index in the epoch, layout.py batch of torch tensors) of a training_dataset, or of one
+    `streaming_split` iterator of it."""
+    rows = shard_or_dataset.iter_batches(batch_size=1, batch_format="pyarrow", prefetch_batches=cfg.prefetch_batches)
+    for table in rows:
+        for raw, index in zip(table.column("batch"), table.column("index"), strict=True):
+            yield int(index.as_py()), to_torch(pickle.loads(raw.as_buffer()), device)
+
+
 def iter_training_batches(shard_or_dataset, cfg: StreamConfig, device="cpu") -> Iterator[dict]:
-    """Iterate a training_dataset (or its ray.train.get_dataset_shard) as layout.py batches of torch tensors."""
-    it = shard_or_dataset.iter_batches(
-        batch_size=1, batch_format="pyarrow", prefetch_batches=cfg.prefetch_batches
-    )
-    for table in it:
-        for raw in table.column("batch"):
-            yield to_torch(pickle.loads(raw.as_buffer()), device)
+    """The batches of `indexed_batches` without their indices."""
+    for _, batch in indexed_batches(shard_or_dataset, cfg, device):
+        yield batch
 
 
 def check_batch(batch: dict, cfg: StreamConfig) -> None:

@@ -22,7 +22,6 @@ tiles across the area's width); the COG and zarr keep the encoder's embeddings.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import time
@@ -30,21 +29,9 @@ import time
 import numpy as np
 
 from pipelines.common.storage import Storage, is_s3, join
-from pipelines.imagery.grid import Grid, Tile, tile_weights
-
-TILE_DIR = "tiles"
-
-
-def load_tiles(storage: Storage, out: str, files: list[str]) -> dict[str, np.ndarray]:
-    """{tile id: (h, w, D) embedding} of every tile in the given out/tiles/*.npz files (fetched concurrently)."""
-    if not files:
-        return {}
-    got = storage.fs(out).cat([join(out, TILE_DIR, f) for f in sorted(set(files))])
-    tiles = {}
-    for data in got.values():
-        with np.load(io.BytesIO(data)) as z:
-            tiles.update({k: z[k] for k in z.files})
-    return tiles
+from pipelines.imagery.grid import Grid, Tile
+from serve.mapping.blend import tile_weights
+from serve.mapping.tile_store import TILE_DIR, load_tiles
 
 
 class StreamingMosaic:
@@ -105,7 +92,7 @@ class StreamingMosaic:
             if b not in self.written:
                 self._write_band(b)
         t0 = time.time()
-        outputs = self._upload(self.writer.close())
+        outputs = upload(self.storage, self.cfg.out, self.writer.close())
         self.seconds += time.time() - t0
         return outputs
 
@@ -155,54 +142,62 @@ class StreamingMosaic:
         self._load(ids)
         if self.detile and self.position_mean is None and self.position_sum is not None:  # frozen from now on
             self.position_mean = (self.position_sum / np.maximum(self.position_count, 1)).astype(np.float32)
-        by, bt, st = b * self.bt, self.bt, self.size_t
-        dim = self.writer.dim
-        for bx in range(0, self.wt, bt):
-            bh, bw = min(bt, self.ht - by), min(bt, self.wt - bx)
-            acc = np.zeros((bh, bw, dim), np.float32)
-            wsum = np.zeros((bh, bw, 1), np.float32)
-            pacc = np.zeros((bh, bw, dim), np.float32) if self.position_mean is not None else None
-            for tile_id in ids:
-                t = self.tiles[tile_id]
-                ty, tx = t.y // self.p, t.x // self.p
-                y0, y1 = max(by, ty), min(by + bh, ty + st, self.ht)
-                x0, x1 = max(bx, tx), min(bx + bw, tx + st, self.wt)
-                if y0 >= y1 or x0 >= x1:
-                    continue
-                e = self.cache[tile_id][y0 - ty : y1 - ty, x0 - tx : x1 - tx]
-                w = tile_weights(t, self.n_cols, self.n_rows, self.ov_t, st)[y0 - ty : y1 - ty, x0 - tx : x1 - tx, None]
-                w = np.where(np.isfinite(e).all(-1, keepdims=True), w, 0.0).astype(np.float32)
-                out = (slice(y0 - by, y1 - by), slice(x0 - bx, x1 - bx))
-                acc[out] += w * np.nan_to_num(e)
-                wsum[out] += w
-                if pacc is not None:
-                    pacc[out] += w * self.position_mean[y0 - ty : y1 - ty, x0 - tx : x1 - tx]
-            block = np.where(wsum > 0, acc / np.maximum(wsum, 1e-12), np.nan).astype(np.float32)
-            tiling = None if pacc is None else pacc / np.maximum(wsum, 1e-12)
+        by = b * self.bt
+        for bx in range(0, self.wt, self.bt):
+            block, tiling = self._blend_block(ids, by, bx)
             self.writer.write_block(by, bx, block, preview_minus=tiling)
         self.written.add(b)
         for tile_id in [i for i in self.cache if all(bb in self.written for bb in self._bands(self.tiles[i]))]:
             del self.cache[tile_id]
         self.seconds += time.time() - t0
 
-    def _upload(self, local: dict[str, str]) -> dict[str, str]:
-        outputs = {}
-        for kind, path in local.items():
-            uri = join(self.cfg.out, os.path.basename(path))
-            if is_s3(self.cfg.out):
-                fs = self.storage.fs(uri)
-                if os.path.isdir(path):
-                    if fs.exists(uri):
-                        fs.rm(uri, recursive=True)
-                    fs.put(path.rstrip("/") + "/", uri, recursive=True)
-                else:
-                    fs.put(path, uri)
+    def _blend_block(self, ids: list[str], by: int, bx: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The output block at token (by, bx): the weighted mean of the ok tiles `ids` that reach it, NaN where
+        none does; and the tiling component blended the same way (None without de-tiling)."""
+        bh, bw, st = min(self.bt, self.ht - by), min(self.bt, self.wt - bx), self.size_t
+        acc = np.zeros((bh, bw, self.writer.dim), np.float32)
+        wsum = np.zeros((bh, bw, 1), np.float32)
+        pacc = np.zeros_like(acc) if self.position_mean is not None else None
+        for tile_id in ids:
+            t = self.tiles[tile_id]
+            ty, tx = t.y // self.p, t.x // self.p
+            y0, y1 = max(by, ty), min(by + bh, ty + st, self.ht)
+            x0, x1 = max(bx, tx), min(bx + bw, tx + st, self.wt)
+            if y0 >= y1 or x0 >= x1:
+                continue
+            inside = (slice(y0 - ty, y1 - ty), slice(x0 - tx, x1 - tx))
+            e = self.cache[tile_id][inside]
+            w = tile_weights(t, self.n_cols, self.n_rows, self.ov_t, st)[inside][..., None]
+            w = np.where(np.isfinite(e).all(-1, keepdims=True), w, 0.0).astype(np.float32)
+            out = (slice(y0 - by, y1 - by), slice(x0 - bx, x1 - bx))
+            acc[out] += w * np.nan_to_num(e)
+            wsum[out] += w
+            if pacc is not None:
+                pacc[out] += w * self.position_mean[inside]
+        block = np.where(wsum > 0, acc / np.maximum(wsum, 1e-12), np.nan).astype(np.float32)
+        return block, None if pacc is None else pacc / np.maximum(wsum, 1e-12)
+
+
+def upload(storage: Storage, out: str, local: dict[str, str]) -> dict[str, str]:
+    """Copy the local outputs {kind: file or folder} into `out` (s3:// or local) -> {kind: uri}; a folder
+    replaces what an earlier run left there."""
+    outputs = {}
+    for kind, path in local.items():
+        uri = join(out, os.path.basename(path))
+        if is_s3(out):
+            fs = storage.fs(uri)
+            if os.path.isdir(path):
+                if fs.exists(uri):
+                    fs.rm(uri, recursive=True)
+                fs.put(path.rstrip("/") + "/", uri, recursive=True)
             else:
-                os.makedirs(self.cfg.out, exist_ok=True)
-                if os.path.isdir(path):
-                    shutil.rmtree(uri, ignore_errors=True)
-                    shutil.copytree(path, uri)
-                else:
-                    shutil.copyfile(path, uri)
-            outputs[kind] = uri
-        return outputs
+                fs.put(path, uri)
+        else:
+            os.makedirs(out, exist_ok=True)
+            if os.path.isdir(path):
+                shutil.rmtree(uri, ignore_errors=True)
+                shutil.copytree(path, uri)
+            else:
+                shutil.copyfile(path, uri)
+        outputs[kind] = uri
+    return outputs

@@ -20,6 +20,8 @@ PREVIEW_MAX_BYTES = 512 * 2**20  # the float16 lattice of D-dim embeddings behin
 
 
 class MosaicWriter:
+    """The output files of one mosaic, open while blocks arrive; `close()` finishes them -> {kind: local path}."""
+
     def __init__(self, folder: str, grid: Grid, patch_size: int, dim: int, formats: list[str],
                  int8_scale: float | None, preview: bool, tags: dict | None = None, block: int = 256):  # fmt: skip
         """block: the GeoTIFF's and zarr's block side in tokens (a multiple of 16); write whole blocks."""
@@ -32,16 +34,13 @@ class MosaicWriter:
         self.tags = {**(tags or {}), "units": "embedding", "crs": grid.crs}
         if int8_scale is not None:
             self.tags.update(scale=repr(float(int8_scale)), offset="0", quantisation="int8: value = q * scale, -128 nodata")
-        self.paths = {}
         self.tif = self.zarr = None
         if "cog" in formats:
             self._open_tif()
         if "zarr" in formats:
             self._open_zarr()
         self.want_preview = preview
-        self.stride = max(1, -(-max(self.h, self.w) // PREVIEW_MAX_PX))
-        while -(-self.h // self.stride) * -(-self.w // self.stride) * dim * 2 > PREVIEW_MAX_BYTES:
-            self.stride += 1
+        self.stride = preview_stride(self.h, self.w, dim)
         if preview:
             self.lattice = np.full((-(-self.h // self.stride), -(-self.w // self.stride), dim), np.nan, np.float16)
 
@@ -55,7 +54,7 @@ class MosaicWriter:
         dtype, nodata = ("int8", -128) if self.scale is not None else ("float32", float("nan"))
         prof = embedding_profile(_wkt(self.grid.crs), self.transform, self.w, self.h, self.dim, dtype, nodata)
         # a local scratch file, recompressed by the COG copy: the fastest compression that still keeps it small
-        # band-interleaved: the COG copy reads it band by band (from 64-token pixel-interleaved blocks it took 5x longer)
+        # band-interleaved: the COG copy reads it band by band, so it reads each band once
         prof.update(tiled=True, blockxsize=self.block, blockysize=self.block, compress="zstd", zstd_level=1, BIGTIFF="IF_SAFER",
                     interleave="band")  # fmt: skip
         self._tif_tmp = os.path.join(self.folder, "mosaic_tmp.tif")
@@ -82,6 +81,12 @@ class MosaicWriter:
             attrs.pop("scale", None)
             attrs.pop("offset", None)
         arr.attrs.update(attrs)
+        self._write_zarr_coords(root)
+        root.attrs.update({"crs": self.grid.crs, "transform": list(self.transform), "patch_size": self.p})
+        self.zarr, self._zarr_path = arr, path
+
+    def _write_zarr_coords(self, root) -> None:
+        """x / y of the token centres, the band index and the CF grid mapping (`spatial_ref`) xarray reads."""
         a, _, c, _, e, f = self.transform
         x = root.create_array("x", shape=(self.w,), dtype="float64", dimension_names=["x"])
         x[:] = c + a * (np.arange(self.w) + 0.5)
@@ -96,8 +101,6 @@ class MosaicWriter:
         wkt = _wkt(self.grid.crs)
         sr.attrs.update({"crs_wkt": wkt, "spatial_ref": wkt,
                          "GeoTransform": " ".join(str(v) for v in (c, a, 0.0, f, 0.0, e))})  # fmt: skip
-        root.attrs.update({"crs": self.grid.crs, "transform": list(self.transform), "patch_size": self.p})
-        self.zarr, self._zarr_path = arr, path
 
     # ---- preview -----------------------------------------------------------------------------------------
 
@@ -174,6 +177,14 @@ class MosaicWriter:
             Image.fromarray(rgba, "RGBA").save(path)
             out["preview"] = path
         return out
+
+
+def preview_stride(h: int, w: int, dim: int) -> int:
+    """Every how many tokens the preview keeps one, so that it fits PREVIEW_MAX_PX and PREVIEW_MAX_BYTES."""
+    stride = max(1, -(-max(h, w) // PREVIEW_MAX_PX))
+    while -(-h // stride) * -(-w // stride) * dim * 2 > PREVIEW_MAX_BYTES:
+        stride += 1
+    return stride
 
 
 def _wkt(crs: str) -> str:

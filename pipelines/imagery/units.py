@@ -1,0 +1,77 @@
+"""Raw imagery values -> model units, and coarse bands onto the 10 m grid: one definition of each.
+
+    vals = to_model_units("sentinel1", raw)       # float32: nodata -> NaN, linear power -> dB
+    good = power_to_db(vals)                      # in place (the corpus build's path), -> valid mask
+    up = repeat_pixels(band_20m, 2)               # (..., h, w) -> (..., 2h, 2w), each pixel repeated
+
+The raw format of each modality (`RAW_FORMAT`: the GeoTIFF dtype and nodata value of the raw corpus, which
+the synthetic generator writes and the build validates) is what these conversions need, so it lives here.
+Sentinel-1 arrives as linear backscatter power and the model sees decibels; a pixel with no positive power
+(nodata, zero, NaN) has no dB value and becomes NaN. Coarser bandsets meet the 10 m grid by pixel
+repetition (20 m x2, 40 m x4), as the original's data; finer ones (OpenStreetMap at 2.5 m) by taking every
+f-th pixel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from olmoearth.modalities import BASE_GSD
+
+# modality -> (numpy dtype of the raw GeoTIFF, nodata value); None: no nodata value (every value is data)
+RAW_FORMAT: dict[str, tuple[str, float | None]] = {
+    "sentinel2_l2a": ("uint16", 0),
+    "sentinel1": ("float32", -32768.0),
+    "landsat": ("uint16", 0),
+    "worldcover": ("uint8", 0),
+    "srtm": ("int16", -32768),
+    "openstreetmap_raster": ("uint8", None),
+    "wri_canopy_height_map": ("uint8", 255),
+    "cdl": ("uint8", 0),
+    "worldcereal": ("uint8", 255),
+}
+# 10 log10(x) = ln(x) * 10 / ln 10: numpy's natural log is the faster of the two on large arrays
+_DB_PER_NEPER = np.float32(10.0 / np.log(10.0))
+
+
+def power_to_db(vals: np.ndarray, fill=np.nan) -> np.ndarray:
+    """In place: float linear power -> dB where it is > 0, `fill` elsewhere. Returns that valid mask."""
+    good = vals > 0
+    np.log(vals, out=vals, where=good)
+    vals *= _DB_PER_NEPER
+    np.copyto(vals, vals.dtype.type(fill), where=~good)
+    return good
+
+
+def nodata_to_nan(modality: str, arr: np.ndarray) -> np.ndarray:
+    """A float32 copy of an integer raster with its modality's nodata value as NaN (float input: cast only)."""
+    out = arr.astype(np.float32)
+    nodata = RAW_FORMAT[modality][1]
+    if arr.dtype.kind != "f" and nodata is not None:
+        out[arr == nodata] = np.nan
+    return out
+
+
+def to_model_units(modality: str, raw: np.ndarray) -> np.ndarray:
+    """Raw values -> float32 model units: nodata -> NaN, Sentinel-1 linear power -> dB."""
+    out = nodata_to_nan(modality, raw)
+    if modality == "sentinel1":
+        power_to_db(out)  # its nodata (-32768) is not a positive power
+    return out
+
+
+def repeat_pixels(arr: np.ndarray, factor: int) -> np.ndarray:
+    """(..., h, w) -> (..., h * factor, w * factor): each pixel repeated factor x factor times."""
+    if factor == 1:
+        return arr
+    return np.repeat(np.repeat(arr, factor, axis=-2), factor, axis=-1)
+
+
+def to_10m(arr: np.ndarray, resolution: float) -> np.ndarray:
+    """(..., h, w) at `resolution` metres per pixel -> the 10 m grid: coarser pixels repeated, finer strided."""
+    if resolution > BASE_GSD:
+        return repeat_pixels(arr, int(round(resolution / BASE_GSD)))
+    if resolution < BASE_GSD:
+        f = int(round(BASE_GSD / resolution))
+        return arr[..., ::f, ::f]
+    return arr

@@ -1,0 +1,61 @@
+"""What an area job will do, settled on the driver before any work: the area's 10 m UTM grid and its tiles,
+the pixel source (found and checked once, then rebuilt on every worker from its spec), and the manifest that
+keeps a rerun from mixing in the tiles of a different job."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+
+from pipelines.common.storage import Storage, join
+from pipelines.corpus.source import CorpusSource
+from pipelines.imagery.grid import Grid, Tile, area_grid, make_tiles
+from pipelines.imagery.sources import GeoTiffSource, ImageSource
+from serve.mapping.config import EmbedAreaConfig
+
+SOURCE_KINDS = {"geotiffs": GeoTiffSource, "corpus": CorpusSource}  # spec()["kind"] -> source class
+
+
+def plan(cfg: EmbedAreaConfig) -> tuple[Grid, list[Tile]]:
+    """The area's grid (corners snapped to whole tokens) and the tiles that cover it."""
+    crs, (x0, y0), w, h = area_grid(tuple(cfg.bbox), cfg.bbox_crs, cfg.crs, 10.0, snap=10.0 * cfg.patch_size)
+    grid = Grid(crs, x0, y0, w, h)
+    return grid, make_tiles(grid, cfg.tile_size, cfg.overlap, cfg.patch_size)
+
+
+def make_source(cfg: EmbedAreaConfig, storage: Storage, grid: Grid) -> ImageSource:
+    """The job's pixel source, on the driver: finds and checks the input files of the area."""
+    if cfg.geotiffs:
+        return GeoTiffSource(cfg.geotiffs, cfg.months or None, storage)
+    return CorpusSource(cfg.source, cfg.modalities, storage, cfg.time_start, cfg.time_end, grid=grid)
+
+
+def source_from_spec(spec: dict, storage: Storage) -> ImageSource:
+    """A worker's copy of the driver's source (`source.spec()`), without listing or opening files."""
+    return SOURCE_KINDS[spec["kind"]].from_spec(spec, storage)
+
+
+def job_signature(cfg: EmbedAreaConfig, grid: Grid) -> dict:
+    """What makes tile results reusable by a rerun: same grid, tiles, model and inputs."""
+    return {"grid": asdict(grid), "tile_size": cfg.tile_size, "overlap": cfg.overlap, "patch_size": cfg.patch_size,
+            "model_uri": cfg.model_uri, "source": cfg.source, "geotiffs": cfg.geotiffs, "modalities": cfg.modalities,
+            "time": [cfg.time_start, cfg.time_end], "months": cfg.months}  # fmt: skip
+
+
+def signature_hash(sig: dict) -> str:
+    return hashlib.sha1(json.dumps(sig, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def check_manifest(storage: Storage, cfg: EmbedAreaConfig, sig: dict) -> None:
+    """out/manifest.json: written by the first run; a later run into the same folder must match it."""
+    uri = join(cfg.out, "manifest.json")
+    if storage.exists(uri):
+        old = json.loads(storage.read_text(uri))
+        diff = sorted(k for k in set(old["signature"]) | set(sig) if old["signature"].get(k) != sig.get(k))
+        if diff:
+            raise ValueError(f"out {cfg.out} holds tiles of a different job (differs in {diff}); use a new out "
+                             "folder or delete the old one")  # fmt: skip
+    else:
+        storage.makedirs(cfg.out)
+        storage.write_text(uri, json.dumps({"signature": sig, "signature_hash": signature_hash(sig)}, indent=1))
