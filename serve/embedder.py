@@ -34,7 +34,7 @@ class Embedder:
     def describe(self) -> dict:
         mods = [m for m in ENCODER_MODALITIES if m in self.encoder.modalities]
         return {
-            "model": self.info,
+            "model": {k: v for k, v in self.info.items() if k != "source"},  # where it came from stays private
             "embedding_dim": self.dim,
             "num_parameters": sum(p.numel() for p in self.encoder.parameters()),
             "modalities": {m: {"bands": list(MODALITIES[m].bands),

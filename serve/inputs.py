@@ -9,11 +9,16 @@ Two ways in:
 Everything returned is validated: known encoder modality, band count, one T for all modalities, square tile of
 at most `max_tile` px, H divisible by the patch size, months 0..11, not all-NaN. This is the request path's one
 validation: the embedder and the encoder behind it take what comes out of here as valid.
+
+Sizes are checked as declared, before the data they describe is decoded: a zip member's method and
+uncompressed size and its .npy header's shape and dtype, a GeoTIFF's width, height and band count (read from
+its header; only GeoTIFF is opened, see pipelines/imagery/geotiff.py), and the encoder tokens they make.
 """
 
 from __future__ import annotations
 
 import io
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,20 +63,124 @@ class EmbedInput:
         """Requests with equal keys can share one encoder forward (same modalities and (H, W, T))."""
         return tuple((m, a.shape[1:]) for m, a in sorted(self.x.items()))
 
+    def tokens_per_sample(self, patch_size: int) -> int:
+        return tokens({m: a.shape[:4] for m, a in self.x.items()}, patch_size)[0]
+
 
 @dataclass(frozen=True)
 class Limits:
+    """What one request may declare; each is checked before the data it bounds is decoded."""
+
     max_tile: int = 256  # px per side
     max_samples: int = 64  # samples per request
+    max_tokens: int = 131072  # encoder tokens per request (all samples)
+    max_tokens_per_sample: int = 16384  # encoder tokens of one sample (its attention length)
+    max_decoded_mb: float = 512.0  # decoded arrays of one request, MB
+    max_parts: int = 8  # .npz members / multipart parts per request
+
+
+NPY_KINDS = "biuf"  # bool, integers, floats: what an array of pixel values can be
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # what np.savez / savez_compressed write
+
+
+def tokens(shapes: dict[str, tuple], patch_size: int) -> tuple[int, int]:
+    """(tokens per sample, tokens of the request) for {modality: (B, H, W, T)}, as the encoder counts them:
+    one token per (patch, timestep, bandset)."""
+    per = sum((h // patch_size) * (w // patch_size) * t * len(MODALITIES[m].bandsets)
+              for m, (_, h, w, t) in shapes.items())  # fmt: skip
+    return per, per * max((s[0] for s in shapes.values()), default=0)
+
+
+def check_tokens(shapes: dict[str, tuple], patch_size: int, limits: Limits) -> None:
+    per, total = tokens(shapes, patch_size)
+    hint = "use a larger patch_size, a smaller tile, fewer months or fewer samples"
+    if per > limits.max_tokens_per_sample:
+        raise BadRequest("body", f"{per} encoder tokens per sample (patches x timesteps x bandsets) exceed the "
+                                 f"limit of {limits.max_tokens_per_sample}; {hint}", status=413)  # fmt: skip
+    if total > limits.max_tokens:
+        raise BadRequest("body", f"{total} encoder tokens in the request exceed the limit of {limits.max_tokens}; "
+                                 f"{hint}", status=413)  # fmt: skip
+
+
+def check_declared(name: str, shape: tuple, patch_size: int, limits: Limits) -> None:
+    """The checks of one modality's (B, H, W, T, C) that need no pixel: done on declared shapes."""
+    check_modality(name)
+    mod = MODALITIES[name]
+    if len(shape) != 5:
+        raise BadRequest(name, f"expected an array (B, H, W, T, C), got {len(shape)} dimensions {shape}")
+    b, h, w, t, c = shape
+    if c != mod.num_bands:
+        raise BadRequest(name, f"expected {mod.num_bands} bands ({', '.join(mod.bands)}), got {c}")
+    if h != w:
+        raise BadRequest(name, f"tiles must be square, got {h} x {w} px")
+    if h > limits.max_tile:
+        raise BadRequest(name, f"tile of {h} x {w} px exceeds the limit of {limits.max_tile} px per side",
+                         status=413)  # fmt: skip
+    if h == 0 or t == 0 or b == 0:
+        raise BadRequest(name, f"empty array {shape}")
+    if h % patch_size:
+        raise BadRequest("patch_size", f"tile size {h} px is not a multiple of patch size {patch_size}")
+    if t > MAX_TIMESTEPS:
+        raise BadRequest(name, f"at most {MAX_TIMESTEPS} timesteps, got {t}")
+    if b > limits.max_samples:
+        raise BadRequest(name, f"at most {limits.max_samples} samples per request, got {b}", status=413)
+
+
+def npz_members(zf: zipfile.ZipFile, limits: Limits) -> dict[str, tuple[zipfile.ZipInfo, tuple, np.dtype]]:
+    """{array name: (zip entry, shape, dtype)} from each member's .npy header, before any array is inflated:
+    the zip's declared sizes and methods and the headers' shapes and dtypes are checked against `limits`."""
+    infos = zf.infolist()
+    if len(infos) > limits.max_parts:
+        raise BadRequest("body", f"{len(infos)} arrays in the .npz, at most {limits.max_parts}", status=413)
+    out, budget = {}, limits.max_decoded_mb * 2**20
+    for info in infos:
+        name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+        if not info.filename.endswith(".npy") or name in out:
+            raise BadRequest(name, "every .npz member must be one .npy array, each name once")
+        if info.compress_type not in ZIP_METHODS:
+            raise BadRequest(name, "compressed with a method other than stored / deflate (np.savez, "
+                                   "np.savez_compressed)", status=422)  # fmt: skip
+        if info.file_size > budget:
+            raise BadRequest(name, f"declares {info.file_size / 2**20:.1f} MB uncompressed, over the limit of "
+                                   f"{limits.max_decoded_mb:g} MB", status=413)  # fmt: skip
+        shape, dtype = npy_header(zf, info, name)
+        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if nbytes > budget:
+            raise BadRequest(name, f"declares {nbytes / 2**20:.1f} MB of array data, over the limit of "
+                                   f"{limits.max_decoded_mb:g} MB per request", status=413)  # fmt: skip
+        budget -= nbytes
+        out[name] = (info, shape, dtype)
+    return out
+
+
+def npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) from a member's .npy header (its first bytes only)."""
+    fmt = np.lib.format
+    try:
+        with zf.open(info) as fh:
+            version = fmt.read_magic(fh)
+            if version == (1, 0):
+                shape, _, dtype = fmt.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, _, dtype = fmt.read_array_header_2_0(fh)
+            else:
+                raise ValueError(f"npy format version {version}")
+    except (ValueError, zipfile.BadZipFile, EOFError, OSError, SyntaxError):
+        raise BadRequest(name, "not a readable .npy array") from None
+    if dtype.hasobject or dtype.fields is not None or dtype.kind not in NPY_KINDS:
+        raise BadRequest(name, f"expected numbers, got dtype {dtype}")
+    return tuple(shape), dtype
 
 
 def parse_patch_size(text: str | int | None, default: int) -> int:
     if text is None or text == "":
         return default
     try:
+        if len(str(text)) > 3:
+            raise ValueError("too long")
         p = int(text)
     except (TypeError, ValueError):
-        raise BadRequest("patch_size", f"must be an integer 1..{MAX_PATCH_SIZE}, got {text!r}") from None
+        raise BadRequest("patch_size", f"must be an integer 1..{MAX_PATCH_SIZE}, got {str(text)[:20]!r}") from None
     if not 1 <= p <= MAX_PATCH_SIZE:
         raise BadRequest("patch_size", f"must be 1..{MAX_PATCH_SIZE}, got {p}")
     return p
@@ -82,6 +191,8 @@ def parse_months(value, t: int, b: int, field_name: str = "months") -> np.ndarra
     if value is None or (isinstance(value, str) and value.strip() == ""):
         return np.tile(np.arange(t, dtype=np.int64) % 12, (b, 1))
     try:
+        if isinstance(value, str) and len(value) > 4 * MAX_TIMESTEPS:
+            raise ValueError("too long")
         if isinstance(value, str):
             arr = np.asarray([int(v) for v in value.replace(" ", "").split(",") if v != ""], dtype=np.int64)
         else:
@@ -89,7 +200,7 @@ def parse_months(value, t: int, b: int, field_name: str = "months") -> np.ndarra
             if not np.issubdtype(arr.dtype, np.number) or np.any(arr != np.round(arr)):
                 raise ValueError("not integers")
             arr = arr.astype(np.int64)
-    except ValueError:
+    except (ValueError, OverflowError, TypeError):
         raise BadRequest(field_name, "must be integers 0..11 (month of each timestep, January = 0)") from None
     if arr.ndim == 1:
         arr = np.tile(arr, (b, 1))
@@ -115,31 +226,13 @@ def validate(x: dict[str, np.ndarray], months, patch_size: int, limits: Limits) 
         raise BadRequest("body", f"no modality given; send at least one of {', '.join(ENCODER_MODALITIES)}")
     shapes = {}
     for name, a in x.items():
-        check_modality(name)
-        mod = MODALITIES[name]
-        if a.ndim != 5:
-            raise BadRequest(name, f"expected an array (B, H, W, T, C), got {a.ndim} dimensions {a.shape}")
-        b, h, w, t, c = a.shape
-        if c != mod.num_bands:
-            raise BadRequest(name, f"expected {mod.num_bands} bands ({', '.join(mod.bands)}), got {c}")
-        if h != w:
-            raise BadRequest(name, f"tiles must be square, got {h} x {w} px")
-        if h > limits.max_tile:
-            raise BadRequest(name, f"tile of {h} x {w} px exceeds the limit of {limits.max_tile} px per side",
-                             status=413)  # fmt: skip
-        if h == 0 or t == 0 or b == 0:
-            raise BadRequest(name, f"empty array {a.shape}")
-        if h % patch_size:
-            raise BadRequest("patch_size", f"tile size {h} px is not a multiple of patch size {patch_size}")
-        if t > MAX_TIMESTEPS:
-            raise BadRequest(name, f"at most {MAX_TIMESTEPS} timesteps, got {t}")
-        if b > limits.max_samples:
-            raise BadRequest(name, f"at most {limits.max_samples} samples per request, got {b}", status=413)
+        check_declared(name, a.shape, patch_size, limits)
         if not np.issubdtype(a.dtype, np.number):
             raise BadRequest(name, f"expected numbers, got dtype {a.dtype}")
-        shapes[name] = (b, h, w, t)
+        shapes[name] = a.shape[:4]
     if len(set(shapes.values())) > 1:
         raise BadRequest(next(iter(shapes)), f"all modalities must share (B, H, W, T); got {shapes}")
+    check_tokens(shapes, patch_size, limits)
     b, _, _, t = next(iter(shapes.values()))
     out = {}
     for name, a in x.items():
@@ -154,28 +247,70 @@ def validate(x: dict[str, np.ndarray], months, patch_size: int, limits: Limits) 
 
 
 def parse_npz(data: bytes, patch_size: int, limits: Limits, months_param: str | None = None) -> EmbedInput:
+    """An .npz body -> validated input. Every member's declared size is checked (npz_members, then the
+    shapes against the limits and the token budget) before any array is inflated."""
     if not data.startswith(b"PK"):
         raise BadRequest("body", "not an .npz file (expected a zip archive of .npy arrays)")
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as e:
-        raise BadRequest("body", f"not a readable .npz file ({type(e).__name__}: {e})") from None
-    months = arrays.pop("months", None)
-    if months is None:
-        months = months_param
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError):
+        raise BadRequest("body", "not a readable .npz file (expected a zip archive of .npy arrays)") from None
+    with zf:
+        members = npz_members(zf, limits)
+        months_entry = members.pop("months", None)
+        shapes = {}
+        for name, (_, shape, _) in members.items():
+            check_declared(name, shape, patch_size, limits)
+            shapes[name] = shape[:4]
+        if len(set(shapes.values())) > 1:
+            raise BadRequest(next(iter(shapes)), f"all modalities must share (B, H, W, T); got {shapes}")
+        check_tokens(shapes, patch_size, limits)
+        arrays = {name: read_member(zf, info, name) for name, (info, _, _) in members.items()}
+        months = read_member(zf, months_entry[0], "months") if months_entry else months_param
     x, months = validate(arrays, months, patch_size, limits)
     return EmbedInput(x, months, fields=sorted(x))
 
 
-def read_geotiff_field(name: str, data: bytes) -> tuple[np.ndarray, Georef]:
-    """One multipart GeoTIFF field -> (H, W, T*C) float32 with NaN for nodata, and its grid."""
+def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> np.ndarray:
+    """One .npz member whose header was checked; zipfile stops inflating at its declared size."""
+    try:
+        with zf.open(info) as fh:
+            return np.lib.format.read_array(fh, allow_pickle=False)
+    except (ValueError, zipfile.BadZipFile, EOFError, OSError):
+        raise BadRequest(name, "truncated or corrupt array in the .npz") from None
+
+
+def geotiff_check(name: str, patch_size: int, limits: Limits):
+    """The check `read_geotiff` runs on a field's header, before decoding: size, band count, dtype, tokens."""
+    c = MODALITIES[name].num_bands
+
+    def check(prof: dict) -> None:
+        w, h, n = prof["width"], prof["height"], prof["count"]
+        if max(w, h) > limits.max_tile:
+            raise BadRequest(name, f"GeoTIFF of {w} x {h} px exceeds the limit of {limits.max_tile} px per side",
+                             status=413)  # fmt: skip
+        if n == 0 or n % c or n // c > MAX_TIMESTEPS:
+            raise BadRequest(name, f"expected a multiple of {c} bands ({', '.join(MODALITIES[name].bands)}) per "
+                                   f"timestep, at most {MAX_TIMESTEPS} timesteps; got {n} bands")  # fmt: skip
+        dtype = np.dtype(prof["dtype"])
+        if dtype.kind not in NPY_KINDS:
+            raise BadRequest(name, f"expected integer or float bands, got {dtype}")
+        if w * h * n * max(dtype.itemsize, 4) > limits.max_decoded_mb * 2**20:
+            raise BadRequest(name, f"decodes to over {limits.max_decoded_mb:g} MB", status=413)
+        check_tokens({name: (1, h, w, n // c)}, patch_size, limits)
+
+    return check
+
+
+def read_geotiff_field(name: str, data: bytes, check=None) -> tuple[np.ndarray, Georef]:
+    """One multipart GeoTIFF field -> (H, W, T*C) float32 with NaN for nodata, and its grid. `check(profile)`
+    runs on the header before any pixel is decoded."""
     from pipelines.imagery.geotiff import GeoTiffError, read_geotiff
 
     try:
-        arr, prof = read_geotiff(data, name=name)
-    except GeoTiffError as e:
-        raise BadRequest(name, f"not a readable GeoTIFF ({e.detail})") from None
+        arr, prof = read_geotiff(data, name=name, check=check)
+    except GeoTiffError:  # the reader's detail (GDAL's text) stays in the server's logs
+        raise BadRequest(name, "not a readable GeoTIFF (GeoTIFF / COG only)") from None
     if prof.get("crs") is None:
         raise BadRequest(name, "GeoTIFF has no CRS; georeferenced input is required")
     geo = Georef(prof["crs"].to_wkt(), tuple(prof["transform"])[:6], prof["width"], prof["height"])
@@ -190,10 +325,12 @@ def parse_geotiffs(files: dict[str, bytes], patch_size: int, limits: Limits, mon
     """files: modality -> GeoTIFF bytes (T*C bands each, time-major)."""
     if not files:
         raise BadRequest("body", f"no GeoTIFF field given; name fields by modality ({', '.join(ENCODER_MODALITIES)})")
+    if len(files) > limits.max_parts:
+        raise BadRequest("body", f"{len(files)} GeoTIFF fields, at most {limits.max_parts}", status=413)
     x, grid = {}, None
     for name, data in files.items():
         check_modality(name)
-        arr, geo = read_geotiff_field(name, data)
+        arr, geo = read_geotiff_field(name, data, geotiff_check(name, patch_size, limits))
         c = MODALITIES[name].num_bands
         n = arr.shape[-1]
         if n % c:

@@ -91,7 +91,8 @@ def test_health_and_info(endpoint):
     assert requests.get(f"{endpoint}/healthz", timeout=30).json()["status"] == "ok"
     info = requests.get(f"{endpoint}/info", timeout=30).json()
     assert info["embedding_dim"] == 128
-    assert info["model"]["size"] == "nano" and info["model"]["source"].startswith("s3://")
+    assert info["model"]["size"] == "nano" and "source" not in info["model"]
+    assert MODEL["uri"] not in requests.get(f"{endpoint}/info", timeout=30).text  # where the model lives is private
     assert info["modalities"]["sentinel2_l2a"]["bands"] == list(S2.bands)
     assert set(info["modalities"]) == {"sentinel2_l2a", "sentinel1", "landsat"}
     assert 1e6 < info["num_parameters"] < 2e6

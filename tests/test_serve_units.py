@@ -294,3 +294,64 @@ def test_streaming_mosaic_writes_each_band_once_its_tiles_are_final_in_any_order
     np.testing.assert_allclose(forward[2, 2], emb["r0000_c0000"][2, 2], atol=1e-6)
     assert np.isnan(forward[30:40, 30:40]).all()
     assert np.isfinite(forward[:20, :20]).all()
+
+
+def test_npz_declared_sizes_are_checked_before_inflating():
+    """Zip members' method and size and the .npy headers' shapes are refused before any array is read."""
+    import zipfile
+
+    def member(shape, dtype="<f4", method=zipfile.ZIP_DEFLATED, name="sentinel2_l2a.npy", data=b""):
+        head = io.BytesIO()
+        np.lib.format.write_array_header_1_0(head, {"descr": dtype, "fortran_order": False, "shape": shape})
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w", compression=method) as zf:
+            zf.writestr(name, head.getvalue() + data)
+        return out.getvalue()
+
+    lim = Limits(max_tile=64, max_tokens_per_sample=4096, max_decoded_mb=16)
+    cases = [
+        (member((1, 16, 16, 1, 12), method=zipfile.ZIP_BZIP2), 422, "sentinel2_l2a"),
+        (member((1, 16, 16, 1, 12), method=zipfile.ZIP_LZMA), 422, "sentinel2_l2a"),
+        (member((64, 4096, 4096, 12, 12)), 413, "sentinel2_l2a"),  # 9 GiB declared, none sent
+        (member((1, 128, 128, 1, 12)), 413, "sentinel2_l2a"),  # over max_tile
+        (member((1, 32, 32, 12, 12)), 413, "body"),  # at p=2: 16 * 16 * 12 * 3 = 9216 tokens > 4096
+        (member((1, 16, 16, 1, 12), dtype="|O"), 400, "sentinel2_l2a"),
+        (member((1, 16, 16, 1, 12), name="notes.txt"), 400, "notes.txt"),
+        (member((1, 16, 16, 1, 12)), 400, "sentinel2_l2a"),  # header only: truncated data
+    ]
+    for i, (data, status, field) in enumerate(cases):
+        with pytest.raises(BadRequest) as e:
+            parse_npz(data, 2 if i == 4 else 4, lim)
+        assert (e.value.status, e.value.field) == (status, field), (i, e.value.to_json())
+
+
+def test_token_count_follows_the_encoder_and_months_overflow_is_a_400():
+    from serve.inputs import tokens
+
+    # S2 has 3 bandsets, S1 one: (24/1)^2 * 12 * 3 = 20736 tokens per sample
+    assert tokens({"sentinel2_l2a": (2, 24, 24, 12)}, 1) == (20736, 41472)
+    assert tokens({"sentinel2_l2a": (1, 32, 32, 2), "sentinel1": (1, 32, 32, 2)}, 4)[0] == 64 * 2 * 3 + 64 * 2
+    for bad in ("9" * 20, "1," * 200, "-1"):
+        with pytest.raises(BadRequest) as e:
+            parse_months(bad, 1, 1)
+        assert e.value.field == "months" and e.value.status == 400
+
+
+def test_geotiff_header_is_checked_before_decoding():
+    from affine import Affine
+    from rasterio.io import MemoryFile
+
+    from serve.inputs import parse_geotiffs
+
+    with MemoryFile() as mf:
+        with mf.open(driver="GTiff", width=20000, height=20000, count=12, dtype="uint16", crs="EPSG:32618",
+                     transform=Affine(10, 0, 0, 0, -10, 0), tiled=True, sparse_ok=True, compress="deflate"):  # fmt: skip
+            pass
+        sparse = bytes(mf.read())
+    assert len(sparse) < 2**20  # a few KB declaring 9.6 GB of pixels
+    with pytest.raises(BadRequest) as e:
+        parse_geotiffs({"sentinel2_l2a": sparse}, 4, Limits(), None)
+    assert (e.value.status, e.value.field) == (413, "sentinel2_l2a") and "20000" in e.value.message
+    with pytest.raises(BadRequest) as e:
+        parse_geotiffs({"sentinel2_l2a": b"<VRTDataset>" + b" " * 100}, 4, Limits(), None)
+    assert e.value.field == "sentinel2_l2a" and "/vsimem" not in e.value.message

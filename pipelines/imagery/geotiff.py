@@ -5,7 +5,10 @@
     data = geotiff_bytes(arr, 32618, transform, nodata=0)                    # (bands, H, W) -> bytes
 
 Reading goes through rasterio; a URI is local or s3:// (through Storage), and a `window` reads only that part
-(from S3 a ranged read: only the needed blocks travel). Every failure raises `GeoTiffError` naming the file,
+(from S3 a ranged read: only the needed blocks travel). Only GeoTIFF (and COG, which is GeoTIFF) is read:
+the first bytes must be TIFF's or BigTIFF's, GDAL may use its GTiff driver alone, and it looks for no sidecar
+file; so a VRT (or any format that names other files or URLs) is refused, never followed. A `check` sees the
+header (size, band count, dtype) before any pixel is decoded. Every failure raises `GeoTiffError` naming the file,
 `GeoTiffVanished` when the file is not there at all: callers turn these into their own errors (the corpus
 build into rejects, the endpoint into a 400).
 
@@ -16,6 +19,8 @@ band-interleaved, zstd level 1 by default: the encoding of the raw corpus files.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 
 import numpy as np
 import rasterio
@@ -37,32 +42,80 @@ class GeoTiffVanished(GeoTiffError):
     """The file is not there (deleted since it was listed, or never written)."""
 
 
-def read_geotiff(uri_or_bytes, storage: Storage | None = None, window=None, name: str | None = None
-                 ) -> tuple[np.ndarray, dict]:  # fmt: skip
+# GDAL opens whatever it recognises; these files come from buckets and uploads, so only GeoTIFF (COG is
+# GeoTIFF) is opened, after its magic bytes, with no sidecar (.aux.xml, .ovr, .msk, world file) probing: a
+# VRT or any other format that can name other files or URLs never reaches a driver.
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # TIFF and BigTIFF, both byte orders
+DRIVER = "GTiff"  # the one GDAL driver the reader may use
+SAFE_ENV = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GDAL_PAM_ENABLED": "NO",
+            "GDAL_GEOREF_SOURCES": "INTERNAL"}  # fmt: skip
+
+
+class _Refused(Exception):  # noqa: N818 - carries a caller's check failure past the reader's own handling
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def read_geotiff(uri_or_bytes, storage: Storage | None = None, window=None, name: str | None = None,
+                 check: Callable[[dict], None] | None = None) -> tuple[np.ndarray, dict]:  # fmt: skip
     """A GeoTIFF from a URI (s3:// or local) or from bytes -> (array (bands, H, W), profile).
 
     `window`: a rasterio Window to read only that part. `name`: the file name errors give (default: the
-    URI, or "<bytes>"). Raises GeoTiffVanished if the file does not exist, GeoTiffError if it cannot be
-    opened or decoded."""
+    URI, or "<bytes>"). `check(profile)`: called after the header is read and before any pixel is
+    decoded (width, height, count, dtype are known): whatever it raises propagates unchanged, so a caller
+    can refuse a declared size. Only TIFF/BigTIFF files are opened, with the GTiff driver alone. Raises
+    GeoTiffVanished if the file does not exist, GeoTiffError if it is not a GeoTIFF or cannot be decoded."""
     is_bytes = isinstance(uri_or_bytes, (bytes, bytearray, memoryview))
     if name is None:
         name = "<bytes>" if is_bytes else str(uri_or_bytes)
     try:
-        if is_bytes:
-            with MemoryFile(bytes(uri_or_bytes)) as mf, mf.open() as ds:
-                return ds.read(window=window), profile(ds)
-        uri = str(uri_or_bytes)
-        if is_s3(uri):
-            with (storage or Storage()).fs(uri).open(uri, "rb") as fh, rasterio.open(fh) as ds:
-                return ds.read(window=window), profile(ds)
-        if not os.path.exists(uri):  # rasterio reports a missing file as any other open failure
-            raise FileNotFoundError(f"no such file: {uri}")
-        with rasterio.open(uri) as ds:
-            return ds.read(window=window), profile(ds)
+        with rasterio.Env(**SAFE_ENV):
+            if is_bytes:
+                data = bytes(uri_or_bytes)
+                _check_magic(data[:4], name)
+                with MemoryFile(data, ext=".tif") as mf, mf.open(driver=DRIVER) as ds:
+                    return _read(ds, window, check, name)
+            uri = str(uri_or_bytes)
+            if uri.startswith("/vsi"):
+                raise GeoTiffError(name, "GDAL virtual paths (/vsi...) are not opened; give a local path or s3://")
+            if is_s3(uri):
+                with (storage or Storage()).fs(uri).open(uri, "rb") as fh:
+                    _check_magic(fh.read(4), name)
+                    fh.seek(0)
+                    with rasterio.open(fh, driver=DRIVER) as ds:
+                        return _read(ds, window, check, name)
+            if not os.path.exists(uri):  # rasterio reports a missing file as any other open failure
+                raise FileNotFoundError(f"no such file: {uri}")
+            with open(uri, "rb") as fh:
+                _check_magic(fh.read(4), name)
+            with rasterio.open(uri, driver=DRIVER) as ds:
+                return _read(ds, window, check, name)
+    except _Refused as r:
+        raise r.error from None
+    except GeoTiffError:
+        raise
     except FileNotFoundError as e:
         raise GeoTiffVanished(name, str(e)) from None
     except (RasterioError, OSError, ValueError) as e:
-        raise GeoTiffError(name, f"cannot read GeoTIFF: {e}") from None
+        # GDAL's text names the in-memory path; the caller's name is what a reader of the error knows
+        raise GeoTiffError(name, "cannot read GeoTIFF: " + re.sub(r"/vsimem/\S+", name, str(e))) from None
+
+
+def _check_magic(head: bytes, name: str) -> None:
+    if head not in TIFF_MAGIC:
+        raise GeoTiffError(name, "not a TIFF file (only GeoTIFF / COG is read)")
+
+
+def _read(ds, window, check, name: str) -> tuple[np.ndarray, dict]:
+    prof = profile(ds)
+    if ds.driver != DRIVER:  # the open allows nothing else; kept as the one place that says so
+        raise GeoTiffError(name, f"opened as {ds.driver}, only GeoTIFF is read")
+    if check is not None:
+        try:
+            check(prof)
+        except Exception as e:
+            raise _Refused(e) from None
+    return ds.read(window=window), prof
 
 
 def profile(ds) -> dict:

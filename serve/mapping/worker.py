@@ -82,8 +82,9 @@ class TileWorker:
                 x = self.source.read(tile, self.grid)
                 if any(np.isfinite(a).any() for a in x.values()):
                     out.append(x)
-                else:
-                    out.append(("empty", "no input data in this tile"))
+                else:  # a source may say why (StacSource: the scenes that met it, all cloudy or nodata)
+                    why = getattr(self.source, "explain_empty", lambda t: None)(tile)
+                    out.append(("empty", why or "no input data in this tile"))
             except Exception as e:  # noqa: BLE001 - recorded per tile and reported by the driver
                 out.append(("failed", f"read: {type(e).__name__}: {e}"))
         return out, time.time() - t0
@@ -171,14 +172,17 @@ def embed_via_serve(url: str, x: dict, months: np.ndarray, patch_size: int, time
                     session=None) -> np.ndarray:  # fmt: skip
     """POST one .npz to the Serve endpoint; returns (B, h, w, D)."""
     import io
+    import os
 
     import requests
 
     buf = io.BytesIO()
     np.savez(buf, months=months, **x)
+    headers = {"Content-Type": "application/x-npz"}
+    if os.environ.get("OLMOEARTH_SERVE_TOKEN"):  # the endpoint's optional bearer token (serve/app.py)
+        headers["Authorization"] = f"Bearer {os.environ['OLMOEARTH_SERVE_TOKEN']}"
     r = (session or requests).post(f"{url.rstrip('/')}/embed", params={"patch_size": patch_size, "output": "patches",
-                      "format": "npy"}, data=buf.getvalue(), headers={"Content-Type": "application/x-npz"},
-                      timeout=timeout)  # fmt: skip
+                      "format": "npy"}, data=buf.getvalue(), headers=headers, timeout=timeout)  # fmt: skip
     if r.status_code != 200:
         raise RuntimeError(f"endpoint {url} answered {r.status_code}: {r.text[:300]}")
     return np.load(io.BytesIO(r.content))
