@@ -171,7 +171,9 @@ def consolidated_state_dict(local_dir: str) -> dict[str, torch.Tensor]:
     names = sorted(f for f in os.listdir(ds_dir) if f.endswith("model_states.pt"))
     if not names:
         raise FileNotFoundError(f"no DeepSpeed model states in {ds_dir}")
-    states = torch.load(os.path.join(ds_dir, names[0]), map_location="cpu", weights_only=False)
+    # tensors and plain values only, so a pickle from run storage cannot run code here; zero_to_fp32 below
+    # unpickles the optimiser shards with weights_only=False itself (they hold DeepSpeed objects)
+    states = torch.load(os.path.join(ds_dir, names[0]), map_location="cpu", weights_only=True)
     sd = {k: v for k, v in (states.get("module") or {}).items() if v.numel() > 0}
     sd.update(get_fp32_state_dict_from_zero_checkpoint(local_dir, tag=DS_TAG))
     return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}

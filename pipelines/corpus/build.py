@@ -3,17 +3,22 @@
     summary = build_corpus(BuildConfig(raw_uri="s3://raw", out_uri="s3://shards"))
 
 Plan, then a Ray Data pipeline over *parts* (one part = one output shard):
-1. list the raw files and group them by sample id (names that do not parse are rejected, never dropped);
+1. list the raw files and group them by sample id (names that do not parse, and second spellings of one
+   file, are reported, never dropped); an empty listing fails the job and persists nothing;
 2. plan (pipelines/corpus/plan.py): a sample's part is a hash of (seed, sample id), the number of parts
    fixed by the first build; this is the write-time global shuffle;
 3. timesteps (pipelines/corpus/timesteps.py): Ray tasks route the timestep CSVs' rows to their parts;
 4. `ray.data.from_items(parts).map(build_part)` (pipelines/corpus/part.py): each task validates its
    samples and streams them into its shard, then writes its done marker. A rerun skips every part whose
-   marker accounts for all its listed samples: the build is idempotent and resumes after a crash;
+   marker accounts for all its listed samples (an unreadable marker counts as none, with a warning) and
+   holds no `unreadable` reject (or, with retry_rejects, no reject at all): the build is idempotent, resumes
+   after a crash and retries what an outage kept it from reading;
 5. per-band normalisation statistics: the markers' partial statistics merged on the driver
    (pipelines/corpus/stats.py) -> `<out>/norm_stats.json`;
 6. `<out>/manifest.json` (shards with row counts, totals, rejects by reason) and `<out>/rejects.jsonl`.
-   Counts add up: samples planned == samples written + samples rejected (checked before writing).
+   Counts add up (checked before writing): samples planned == samples written + samples rejected, and
+   files found == files used + files with bad names + duplicate files. Every metadata file is written
+   atomically (Storage.write_bytes: temp file + rename locally, one PUT on S3).
 The shard format: pipelines/corpus/shards.py.
 """
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 from dataclasses import dataclass
 
@@ -37,6 +43,8 @@ from pipelines.corpus.stats import NB, empty_stats, merge_stats, stats_to_norm_j
 from pipelines.corpus.timesteps import route_all_timesteps
 from pipelines.corpus.validate import REASONS
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class BuildConfig:
@@ -48,6 +56,11 @@ class BuildConfig:
     num_cpus_per_task: float = 1.0  # CPUs reserved per part task
     max_concurrency: int = 0  # most part tasks at once (0: Ray decides)
     timesteps_chunk_mb: float = 64.0  # MB of timestep CSV routed per Ray task
+    retry_rejects: bool = False  # re-examine every sample earlier runs rejected (`unreadable` ones always are)
+
+
+class EmptyCorpusError(ValueError):
+    """The raw URI holds no sample at all (empty, or mistyped): nothing is built and no plan is saved."""
 
 
 def build_corpus(cfg: BuildConfig, storage: Storage | None = None) -> dict:
@@ -56,20 +69,25 @@ def build_corpus(cfg: BuildConfig, storage: Storage | None = None) -> dict:
         raise ValueError("build-corpus needs raw_uri and out_uri")
     storage = storage or Storage()
     t0 = time.time()
-    storage.makedirs(cfg.out_uri)
     # the listing is the one per-sample table the driver holds
-    samples, bad_names = rl.list_samples_lenient(cfg.raw_uri, storage)
-    samples.pop("", None)
+    listing = rl.list_raw(cfg.raw_uri, storage)
+    samples = listing.samples
+    if not samples:
+        raise EmptyCorpusError(
+            f"no raw corpus sample under {cfg.raw_uri} ({listing.files_found} .tif files in its modality "
+            f"folders, {len(listing.bad_names)} with bad names): is raw_uri right? Nothing was built"
+        )
+    storage.makedirs(cfg.out_uri)
     plan = _load_plan(cfg, storage, len(samples))
     listed = listed_parts(samples, plan)
     markers = _read_markers(storage, join(cfg.out_uri, "_done"))
-    todo = parts_to_build(listed, markers)
+    todo = parts_to_build(listed, markers, cfg.retry_rejects)
     if todo:
         _run_parts(cfg, samples, listed, todo, plan)
         markers.update(_read_markers(storage, join(cfg.out_uri, "_done"), todo))  # this run's markers
     summaries = [markers[p] for p in sorted(markers) if p < plan["num_parts"]]
     _write_norm_stats(cfg.out_uri, storage, summaries)
-    manifest = _write_manifest(cfg, storage, plan, samples, bad_names, listed, markers, summaries)
+    manifest = _write_manifest(cfg, storage, plan, listing, listed, markers, summaries)
     n_todo, elapsed = sum(len(listed[p]) for p in todo), time.time() - t0
     this_run = {"samples_this_run": n_todo, "parts_this_run": len(todo), "parts_skipped": len(listed) - len(todo),
                 "seconds": elapsed, "samples_per_s": n_todo / elapsed if elapsed > 0 else 0.0}  # fmt: skip
@@ -83,7 +101,13 @@ def build_corpus(cfg: BuildConfig, storage: Storage | None = None) -> dict:
 def _load_plan(cfg: BuildConfig, storage: Storage, num_samples: int) -> dict:
     """The plan of an earlier build of out_uri (checked against cfg), else a new one, saved."""
     uri = join(cfg.out_uri, "plan.json")
-    old = json.loads(storage.read_text(uri)) if storage.exists(uri) else None
+    old = None
+    if storage.exists(uri):
+        try:
+            old = json.loads(storage.read_text(uri))
+        except (ValueError, UnicodeDecodeError) as e:  # the finished shards' part numbers depend on it
+            raise ValueError(f"{uri}: unreadable plan ({e}); it fixes the parts of the shards built so "
+                             "far: restore it or use a new out_uri") from None  # fmt: skip
     plan = make_plan(num_samples, cfg, old, uri)
     if plan != old:
         storage.write_text(uri, json.dumps(plan))
@@ -97,12 +121,7 @@ def _run_parts(cfg: BuildConfig, samples: dict, listed: dict, todo: list[int], p
     routed = route_all_timesteps(
         cfg.raw_uri, cfg.out_uri, plan, cfg.timesteps_chunk_mb, cfg.num_cpus_per_task
     )
-    items = []
-    for p in todo:
-        sids = sorted(listed[p], key=lambda s: sample_hash(s, plan["seed"]))  # a random order inside
-        specs = [{"sample_id": sid, "files": {m: u for m, u in samples[sid].items() if m in MODALITIES}}
-                 for sid in sids]  # fmt: skip
-        items.append({"spec": json.dumps({"part": p, "samples": specs, "timesteps": routed.get(p, {})})})
+    items = part_items(samples, listed, todo, plan, routed)
     del routed
     kwargs = {"num_cpus": cfg.num_cpus_per_task}
     if cfg.max_concurrency > 0:
@@ -115,8 +134,21 @@ def _run_parts(cfg: BuildConfig, samples: dict, listed: dict, todo: list[int], p
     bar.close()
 
 
+def part_items(samples: dict, listed: dict, todo: list[int], plan: dict, routed: dict) -> list[dict]:
+    """The Ray Data items of the parts `todo`: {"spec": JSON {"part", "samples", "timesteps"}} each."""
+    items = []
+    for p in todo:
+        sids = sorted(listed[p], key=lambda s: sample_hash(s, plan["seed"]))  # a random order inside
+        specs = [{"sample_id": sid, "files": {m: u for m, u in samples[sid].items() if m in MODALITIES}}
+                 for sid in sids]  # fmt: skip
+        items.append({"spec": json.dumps({"part": p, "samples": specs, "timesteps": routed.get(p, {})})})
+    return items
+
+
 def _read_markers(storage: Storage, done_uri: str, parts: list[int] | None = None) -> dict[int, dict]:
-    """part -> its done marker (every marker under done_uri, or those of `parts`), fetched concurrently."""
+    """part -> its done marker (every marker under done_uri, or those of `parts`), fetched concurrently.
+    A marker that cannot be read or parsed (truncated, say) counts as absent, with a warning: its part is
+    built again."""
     fs = storage.fs(done_uri)
     if parts is None:
         try:
@@ -127,11 +159,24 @@ def _read_markers(storage: Storage, done_uri: str, parts: list[int] | None = Non
         uris = [join(done_uri, f"part-{p:06d}.json") for p in parts]
     if not uris:
         return {}
-    got = fs.cat(uris, on_error="raise") if len(uris) > 1 else {uris[0]: fs.cat_file(uris[0])}
+    try:
+        got = fs.cat(uris, on_error="return") if len(uris) > 1 else {uris[0]: fs.cat_file(uris[0])}
+    except Exception as e:  # one marker, fetched alone: judged below like one of many
+        got = {uris[0]: e}
     out = {}
-    for text in got.values():
-        rec = json.loads(text)
-        out[rec["part"]] = rec
+    for uri, text in got.items():
+        if isinstance(text, FileNotFoundError):
+            continue  # not written (yet): its part is not done
+        try:
+            if isinstance(text, BaseException):
+                raise text
+            rec = json.loads(text)
+            part, _ = int(rec["part"]), (accounted(rec), rec["rows"], rec["stats"])  # what later steps read
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            log.warning("ignoring unreadable done marker %s (%s: %s); its part is built again",
+                        uri, type(e).__name__, e)  # fmt: skip
+            continue
+        out[part] = rec
     return out
 
 
@@ -162,14 +207,21 @@ def _count_planned(listed: dict, markers: dict) -> int:
     return planned
 
 
-def _write_manifest(cfg: BuildConfig, storage: Storage, plan: dict, samples: dict, bad_names: list,
-                    listed: dict, markers: dict, summaries: list[dict]) -> dict:  # fmt: skip
-    """manifest.json and rejects.jsonl -> the manifest."""
+def _write_manifest(cfg: BuildConfig, storage: Storage, plan: dict, listing, listed: dict, markers: dict,
+                    summaries: list[dict]) -> dict:  # fmt: skip
+    """manifest.json and rejects.jsonl -> the manifest. Files that never reached a part (bad names, second
+    spellings) are reported there too."""
     rejects = [dict(r, part=s["part"]) for s in summaries for r in s["rejects"]]
-    rejects += [
-        {"sample_id": None, "file": uri, "reason": "bad_name", "detail": why} for uri, why in bad_names
-    ]
+    rejects += [{"sample_id": None, "file": uri, "reason": "bad_name", "detail": why}
+                for uri, why in listing.bad_names]  # fmt: skip
+    rejects += [{"sample_id": sid, "file": uri, "reason": "duplicate_file",
+                 "detail": f"the same sample and bandset as {kept}, which is used"}
+                for sid, uri, kept in listing.duplicates]  # fmt: skip
     planned = _count_planned(listed, markers)
+    files_used = listing.files_used
+    if files_used + len(listing.bad_names) + len(listing.duplicates) != listing.files_found:
+        raise RuntimeError(f"counts do not add up: {listing.files_found} files found, {files_used} used, "
+                           f"{len(listing.bad_names)} bad names, {len(listing.duplicates)} duplicates")  # fmt: skip
     by_reason = {}
     for r in rejects:
         by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
@@ -179,11 +231,14 @@ def _write_manifest(cfg: BuildConfig, storage: Storage, plan: dict, samples: dic
         "raw_uri": cfg.raw_uri,
         "seed": plan["seed"],
         "num_parts": plan["num_parts"],
-        "samples_found": len(samples),
+        "samples_found": len(listing.samples),
         "samples_planned": planned,
         "samples_written": sum(s["rows"] for s in summaries),
         "samples_rejected": sum(len(s["rejects"]) for s in summaries),
-        "files_bad_name": len(bad_names),
+        "files_found": listing.files_found,
+        "files_used": files_used,
+        "files_bad_name": len(listing.bad_names),
+        "files_duplicate": len(listing.duplicates),
         "rejected_by_reason": by_reason,
         "bytes_in": sum(s["bytes_in"] for s in summaries),
         "bytes_out": sum(s["bytes_out"] for s in summaries),
@@ -200,7 +255,8 @@ def _write_manifest(cfg: BuildConfig, storage: Storage, plan: dict, samples: dic
 def format_summary(s: dict) -> str:
     lines = [
         f"samples found {s['samples_found']}, written {s['samples_written']}, rejected {s['samples_rejected']}"
-        + (f" (+{s['files_bad_name']} files with bad names)" if s["files_bad_name"] else ""),
+        + (f" (+{s['files_bad_name']} files with bad names)" if s["files_bad_name"] else "")
+        + (f" (+{s['files_duplicate']} duplicate files)" if s["files_duplicate"] else ""),
         "rejected by reason: "
         + (", ".join(f"{k} {v}" for k, v in sorted(s["rejected_by_reason"].items())) or "none"),
         f"bytes read {s['bytes_in'] / 1e6:.1f} MB, shards {s['num_shards']} ({s['bytes_out'] / 1e6:.1f} MB)",

@@ -6,7 +6,9 @@ group per sample to its shard through a streaming writer whose upload runs in a 
 worker holds one sample at a time whatever the corpus size. On finishing it writes
 `<out>/_done/part-NNNNNN.json` (sample ids, rejects with file and reason, bytes, per-band partial
 statistics). A shard is only visible once complete (Storage.open_atomic). Only data problems (RejectError)
-become rejects: any other exception is a bug or an outage and fails the task.
+become rejects, and read errors: a failed read of a raw file is retried with backoff (READ_ATTEMPTS), and
+one that keeps failing is filed as `unreadable`, which the next run retries. Any other exception is a bug
+and fails the task, and so the job.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pipelines.corpus.timesteps import read_part_timesteps
 from pipelines.corpus.validate import RejectError, load_bandsets
 
 UPLOAD_CHUNK = 16 * 2**20  # bytes handed to the S3 upload at a time
+READ_ATTEMPTS = 4  # reads of a raw file before it is filed as `unreadable`
+RETRY_WAIT_S = 0.5  # wait before the first retry; doubled before each next one
 
 
 def done_uri(out_uri: str, part: int) -> str:
@@ -185,16 +189,52 @@ def _fetch_all(fs, uris: list[str]) -> dict:
     return {u: got.get(u, got.get(fs._strip_protocol(u), KeyError(u))) for u in uris}
 
 
+def _transient_errors() -> tuple[type, ...]:
+    """Read errors worth retrying: I/O errors other than a missing file, and the S3 clients' own."""
+    kinds: list[type] = [OSError, TimeoutError]
+    with contextlib.suppress(ImportError):
+        from botocore.exceptions import BotoCoreError
+
+        kinds.append(BotoCoreError)
+    with contextlib.suppress(ImportError):
+        from aiohttp import ClientError
+
+        kinds.append(ClientError)
+    return tuple(kinds)
+
+
+TRANSIENT = _transient_errors()
+
+
+def _is_transient(e: BaseException) -> bool:
+    return isinstance(e, TRANSIENT) and not isinstance(e, (FileNotFoundError, IsADirectoryError))
+
+
+def _get(fs, uri: str):
+    """One GET of `uri`: its bytes, or the exception it raised."""
+    try:
+        return fs.cat_file(uri)
+    except Exception as e:
+        return e
+
+
 def _reader(got: dict, fs):
-    """read(uri) -> bytes for load_bandsets from prefetched results (re-raising a read's error), else a GET."""
+    """read(uri) -> bytes for load_bandsets from prefetched results, else a GET; a read that fails with an
+    I/O error is retried with backoff, then filed as RejectError("unreadable"); other errors are raised."""
 
     def read(uri):
         v = got.get(uri)
-        if v is None:
-            return fs.cat_file(uri)
+        if v is None or isinstance(v, KeyError):
+            v = _get(fs, uri)
+        for attempt in range(1, READ_ATTEMPTS):
+            if not (isinstance(v, BaseException) and _is_transient(v)):
+                break
+            time.sleep(RETRY_WAIT_S * 2 ** (attempt - 1))
+            v = _get(fs, uri)
         if isinstance(v, BaseException):
-            if isinstance(v, KeyError):
-                return fs.cat_file(uri)
+            if _is_transient(v):
+                raise RejectError("unreadable", uri, f"{READ_ATTEMPTS} reads failed, the last with "
+                                                     f"{type(v).__name__}: {v}") from None  # fmt: skip
             raise v
         return v
 

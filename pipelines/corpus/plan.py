@@ -3,7 +3,8 @@
 A sample's part is a hash of (seed, sample id) modulo the number of parts, which the first build fixes
 (`<out>/plan.json`). This IS the write-time global shuffle (a shard is a random subset of the corpus, in hash
 order), and it lets any worker route a sample's data to its part without a sample -> part table. A part
-needs building unless its done marker accounts for every sample listed for it now.
+needs building unless its done marker accounts for every sample listed for it now and holds no reject to
+look at again: an `unreadable` one (an outage, not the data) always, any one when asked to retry rejects.
 """
 
 from __future__ import annotations
@@ -54,6 +55,16 @@ def accounted(marker: dict | None) -> set[str]:
     return set(marker["sample_ids"]) | {r["sample_id"] for r in marker["rejects"]}
 
 
-def parts_to_build(listed: dict[int, list[str]], markers: dict[int, dict]) -> list[int]:
-    """The parts without a marker, or whose marker misses a listed sample (new since)."""
-    return [p for p in sorted(listed) if not set(listed[p]) <= accounted(markers.get(p))]
+RETRIED_REASONS = ("unreadable",)  # rejects every rerun retries: the file may read fine next time
+
+
+def parts_to_build(listed: dict[int, list[str]], markers: dict[int, dict], retry_rejects: bool = False
+                   ) -> list[int]:  # fmt: skip
+    """The parts without a marker, whose marker misses a listed sample (new since), or whose marker holds a
+    reject to retry (RETRIED_REASONS; with retry_rejects, any)."""
+
+    def retry(marker: dict) -> bool:
+        return any(retry_rejects or r["reason"] in RETRIED_REASONS for r in marker["rejects"])
+
+    return [p for p in sorted(listed)
+            if not set(listed[p]) <= accounted(markers.get(p)) or retry(markers[p])]  # fmt: skip

@@ -20,13 +20,15 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import os
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 
 from olmoearth.modalities import BASE_GSD, MAX_TIMESTEPS, MODALITIES, TILE_METRES, TILE_SIZE, get_modality
-from pipelines.common.storage import Storage, join
+from pipelines.common.storage import Storage, is_s3, join
 
 LABELS_FOLDER = "10_labels"  # labelled synthetic corpus only: per-pixel class, uint8, 10 m
 # the labelled corpus's classes: label i of labels.csv and of the 10_labels maps is CLASSES[i]
@@ -111,8 +113,11 @@ def list_files(root_uri: str, storage: Storage) -> dict[str, list[str]]:
     for folder in [m.raw_folder for m in MODALITIES.values()] + [LABELS_FOLDER]:
         uri = join(root_uri, folder)
         try:
-            names = fs.ls(uri, detail=False)
-        except FileNotFoundError:
+            if is_s3(uri):
+                names = fs.ls(uri, detail=False)
+            else:  # fsspec's local ls normalises every path it returns: 40% of a large listing's time
+                names = [os.path.join(uri, n) for n in os.listdir(uri)]
+        except (FileNotFoundError, NotADirectoryError):
             continue
         prefix = "s3://" if root_uri.startswith("s3://") else ""
         out[folder] = sorted(prefix + n if prefix and not n.startswith(prefix) else n for n in names)
@@ -122,31 +127,72 @@ def list_files(root_uri: str, storage: Storage) -> dict[str, list[str]]:
 def list_samples(root_uri: str, storage: Storage) -> dict[str, dict[str, list[str]]]:
     """sample_id -> {modality: [uri of each bandset file]} for every sample found under root_uri.
 
-    File names that are not of the layout raise ValueError naming the file (use `list_samples_lenient`
-    to collect them instead)."""
-    samples, bad = list_samples_lenient(root_uri, storage)
-    if bad:
-        uri, reason = bad[0]
+    File names that are not of the layout, and second spellings of one file, raise ValueError naming the
+    file (use `list_raw` to collect them instead)."""
+    listing = list_raw(root_uri, storage)
+    for uri, reason in listing.bad_names:
         raise ValueError(f"{uri}: {reason}")
-    return samples
+    for _, uri, kept in listing.duplicates:
+        raise ValueError(f"{uri}: the same sample and bandset as {kept}")
+    return listing.samples
 
 
 def list_samples_lenient(root_uri: str, storage: Storage):
-    """Like list_samples, plus [(uri, reason)] for files whose names do not parse (never dropped silently)."""
+    """Like list_samples, plus [(uri, reason)] for files whose names do not parse (never dropped silently);
+    a second spelling of a file is left out here (see `list_raw`)."""
+    listing = list_raw(root_uri, storage)
+    return listing.samples, listing.bad_names
+
+
+@dataclass
+class RawListing:
+    """What one listing of a raw corpus found; every file listed is in exactly one of the three."""
+
+    samples: dict[str, dict[str, list[str]]]  # sample_id -> {modality: [uri of each bandset file]}
+    bad_names: list[tuple[str, str]]  # (uri, why its name does not parse)
+    duplicates: list[tuple[str, str, str]]  # (sample_id, uri, the uri kept for that sample and bandset)
+    files_found: int  # every .tif listed
+
+    @property
+    def files_used(self) -> int:
+        return sum(len(us) for d in self.samples.values() for us in d.values())
+
+
+def list_raw(root_uri: str, storage: Storage) -> RawListing:
+    """List the raw corpus once: samples, files whose names do not parse, and second spellings of one file
+    (`_10.0.tif` beside `_10.tif`, `_0903_` beside `_903_`, `.tiff` beside `.tif`): of those the canonical
+    spelling (`file_name`) is kept, else the first in sorted order; the others are reported, never dropped
+    silently and never read."""
     samples: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-    bad = []
+    bad, dups, found = [], [], 0
     for folder, uris in list_files(root_uri, storage).items():
         modality = FOLDER_TO_MODALITY.get(folder, "labels")
+        known = {bs.resolution for bs in MODALITIES[modality].bandsets} if modality != "labels" else None
+        found += len(uris)
+        kept: dict[tuple[str, float], str] = {}  # (sample id, resolution) -> uri, one folder at a time
+        others: dict[tuple[str, float], list[str]] = {}  # its other spellings
         for uri in uris:
             try:
                 epsg, col, row, res = parse_sample_name(uri)
-                if modality != "labels":
-                    bandset_index(modality, res)
+                if known is not None and res not in known:
+                    bandset_index(modality, res)  # raises, saying which resolutions there are
             except ValueError as e:
                 bad.append((uri, str(e)))
                 continue
-            samples[sample_id(epsg, col, row)][modality].append(uri)
-    return {k: {m: sorted(v) for m, v in d.items()} for k, d in sorted(samples.items())}, bad
+            key = (sample_id(epsg, col, row), res)
+            old = kept.setdefault(key, uri)
+            if old is not uri:
+                others.setdefault(key, []).append(uri)
+        for key, more in others.items():  # the canonical spelling wins, else the first
+            spellings = [kept[key], *more]
+            epsg, col, row = parse_sample_id(key[0])
+            canonical = file_name(epsg, col, row, key[1])
+            kept[key] = next((u for u in spellings if u.rsplit("/", 1)[-1] == canonical), spellings[0])
+            dups += [(key[0], u, kept[key]) for u in spellings if u is not kept[key]]
+        for (sid, _), uri in kept.items():
+            samples[sid][modality].append(uri)
+    out = {k: {m: sorted(v) for m, v in d.items()} for k, d in sorted(samples.items())}
+    return RawListing(out, bad, dups, found)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -238,7 +284,7 @@ def period_months(t0: dt.date, n: int) -> list[int]:
 
 __all__ = [
     "LABELS_FOLDER", "CLASSES", "TIMESTEP_FIELDS", "TILE_SIZE", "parse_sample_name", "sample_id", "parse_sample_id", "file_name",
-    "cell_transform", "cell_bounds", "cell_size", "bandset_index", "list_samples", "list_samples_lenient",
+    "cell_transform", "cell_bounds", "cell_size", "bandset_index", "list_samples", "list_samples_lenient", "list_raw", "RawListing",
     "read_timesteps", "parse_timesteps_csv", "timestep_columns", "parse_timestep_row", "write_timesteps_csv",
     "sample_timeline", "period_months",
 ]  # fmt: skip

@@ -4,8 +4,10 @@
 
 Every problem with the data raises `RejectError` (a ValueError) carrying a short `reason` code, the
 offending file and a human detail; the corpus build turns these into its rejects report. Reason codes:
-see REASONS. Anything else that goes wrong is a bug or an outage, not a property of the sample, and is
-left to propagate.
+see REASONS. A file's header (CRS, size, transform, dtype, band count) is checked before its pixels are
+decoded, so a wrong-sized file costs no more memory than a right one. Anything else that goes wrong is a
+bug, not a property of the sample, and is left to propagate (the corpus build retries read errors itself
+and files those that persist as `unreadable`).
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ REASONS = {
     "wrong_dtype": "dtype differs from the modality's raw dtype",
     "missing_bands": "band count does not match the modality (x timesteps), or a bandset file is absent",
     "missing_timesteps": "a multi-temporal file has no rows in its modality's timestep CSV",
+    "timeline": "the sample's timestep CSV rows span more than 12 periods of 30 days",
     "all_nodata": "every pixel of a file is nodata",
     "no_spacetime_modality": "the sample has no Sentinel-2, Sentinel-1 or Landsat data",
     "vanished": "a file listed when planning was gone when read",
+    "unreadable": "reading a file failed on every retry (an I/O error, not the data); every rerun retries it",
+    "duplicate_file": "a second spelling of a file already listed (`_10.0.tif` beside `_10.tif`); not read",
 }
 F16_MAX = 65504.0  # largest float16
 
@@ -46,21 +51,22 @@ class RejectError(ValueError):
 # One file
 
 
-def read_raw(
-    uri_or_bytes, storage: Storage | None = None, name: str | None = None
-) -> tuple[np.ndarray, dict]:
-    """`read_geotiff` for a raw corpus file: its failures as RejectError("vanished" | "corrupt")."""
+def read_raw(uri_or_bytes, storage: Storage | None = None, name: str | None = None, check=None
+             ) -> tuple[np.ndarray, dict]:  # fmt: skip
+    """`read_geotiff` for a raw corpus file: its failures as RejectError("vanished" | "corrupt"). check(profile):
+    called on the header before any pixel is decoded; its RejectError propagates."""
     try:
-        return read_geotiff(uri_or_bytes, storage, name=name)
+        return read_geotiff(uri_or_bytes, storage, name=name, check=check)
     except GeoTiffVanished as e:
         raise RejectError("vanished", e.file, e.detail) from None
     except GeoTiffError as e:
         raise RejectError("corrupt", e.file, e.detail) from None
 
 
-def check_file(arr: np.ndarray, profile: dict, uri: str, modality: str, epsg: int, col: int, row: int,
-               resolution: float, n_images: int | None) -> None:  # fmt: skip
-    """Validate one raw file against the layout; raise RejectError naming it."""
+def check_file(profile: dict, uri: str, modality: str, epsg: int, col: int, row: int, resolution: float,
+               n_images: int | None) -> None:  # fmt: skip
+    """Validate one raw file's header (`profile` of pipelines/imagery/geotiff.py) against the layout; raise
+    RejectError naming it."""
     mod = get_modality(modality)
     crs = profile.get("crs")
     if crs is None or crs.to_epsg() != epsg:
@@ -74,18 +80,18 @@ def check_file(arr: np.ndarray, profile: dict, uri: str, modality: str, epsg: in
             "wrong_transform", uri, f"transform {tuple(got or ())[:6]} != grid {tuple(want)[:6]}"
         )
     dtype, _ = RAW_FORMAT[modality]
-    if str(arr.dtype) != dtype:
-        raise RejectError("wrong_dtype", uri, f"dtype {arr.dtype}, expected {dtype}")
+    if str(profile["dtype"]) != dtype:
+        raise RejectError("wrong_dtype", uri, f"dtype {profile['dtype']}, expected {dtype}")
     c = mod.bandsets[rl.bandset_index(modality, resolution)].num_bands
     if mod.temporal:
         if not n_images:
             raise RejectError("missing_timesteps", uri, f"no rows for this sample in {mod.raw_folder}.csv")
-        if arr.shape[0] != n_images * c:
+        if profile["count"] != n_images * c:
             raise RejectError(
-                "missing_bands", uri, f"{arr.shape[0]} bands, expected {n_images} timesteps x {c}"
+                "missing_bands", uri, f"{profile['count']} bands, expected {n_images} timesteps x {c}"
             )
-    elif arr.shape[0] != c:
-        raise RejectError("missing_bands", uri, f"{arr.shape[0]} bands, expected {c}")
+    elif profile["count"] != c:
+        raise RejectError("missing_bands", uri, f"{profile['count']} bands, expected {c}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -132,7 +138,7 @@ def _timeline(sid: str, files: dict[str, list[str]], periods: dict[str, list]):
     try:
         return rl.sample_timeline({m: periods.get(m, []) for m in temporal})
     except ValueError as e:  # the timestep CSV puts the images too far apart
-        raise RejectError("corrupt", sid, f"timesteps: {e}") from None
+        raise RejectError("timeline", files[temporal[0]][0], f"sample {sid}: {e}") from None
 
 
 class _Sample:
@@ -172,8 +178,8 @@ class _Sample:
         except FileNotFoundError as e:
             raise RejectError("vanished", uri, str(e)) from None
         self.nbytes += len(data)
-        arr, profile = read_raw(data, name=uri)
-        check_file(arr, profile, uri, name, self.epsg, self.col, self.row, resolution, n_img)
+        arr, _ = read_raw(data, name=uri, check=lambda profile: check_file(
+            profile, uri, name, self.epsg, self.col, self.row, resolution, n_img))  # fmt: skip
         if resolution < BASE_GSD:  # OSM 2.5 m: every 4th pixel, as the original
             arr = np.ascontiguousarray(to_10m(arr, resolution))
         if arr.dtype.kind == "f":
