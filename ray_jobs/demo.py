@@ -36,7 +36,10 @@ class DemoConfig:
     area_cells: int = 3  # the embedded area is area_cells x area_cells grid cells (2.56 km each)
     # months embedded: a summer in the labelled block's acquisition year (pipelines.corpus.synth.LABELLED_START)
     area_time: list[str] = field(default_factory=lambda: ["2021-06-01", "2021-08-30"])
-    keep_data: bool = False  # keep the SeaweedFS data folder afterwards
+    # keep the SeaweedFS data folder afterwards; `python -m pipelines.common.local_s3 serve <out>/seaweedfs`
+    # serves it again (on the ports it remembers)
+    keep_data: bool = False
+    verbose: bool = False  # every log line: Ray workers, Ray Data operators, Serve access logs (OLMOEARTH_VERBOSE=1)
 
 
 def _apply_fast(cfg: DemoConfig) -> DemoConfig:
@@ -73,9 +76,12 @@ def run(cfg: DemoConfig) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
     from pipelines.common.local_s3 import SeaweedServer
+    from pipelines.common.logs import set_verbose
     from pipelines.common.ray_start import init_ray
     from pipelines.common.storage import Storage
 
+    if cfg.verbose:
+        set_verbose(True)
     out = os.path.abspath(cfg.out)
     os.makedirs(out, exist_ok=True)
     _clear_previous_results(out)
@@ -103,8 +109,10 @@ def run(cfg: DemoConfig) -> dict:
                         "--num_samples", str(cfg.labelled_samples), "--ray_tasks", "4"])  # fmt: skip
 
         with step("build the corpus: validate, shard, normalisation statistics (Ray Data)"):
+            # fast: shards of 4 cells, so that one of its 2 shards can be held out for validation
             build_corpus.main(["--config", os.path.join(ROOT, "configs/build_small.yaml"),
-                               "--raw_uri", raw, "--out_uri", shards])  # fmt: skip
+                               "--raw_uri", raw, "--out_uri", shards]
+                              + (["--samples_per_shard", "4"] if cfg.fast else []))  # fmt: skip
 
         with step(f"pretrain nano for {cfg.pretrain_steps} steps (Ray Train + DeepSpeed, CPU)"):
             pretrain.main(["--config", os.path.join(ROOT, "configs/pretrain_nano_cpu.yaml"),
@@ -112,6 +120,9 @@ def run(cfg: DemoConfig) -> dict:
                            "--run.name", "demo-nano", "--train.max_steps", str(cfg.pretrain_steps),
                            "--optim.warmup_steps", str(max(1, cfg.pretrain_steps // 10)),
                            "--train.probe_every", str(0 if cfg.fast else max(10, cfg.pretrain_steps // 6)), "--train.probe_uri", labelled,
+                           # the last shard held out; its fixed batches scored at step 0 and every val_every steps
+                           "--data.val_shards", "1", "--train.val_every", str(max(5, cfg.pretrain_steps // 12)),
+                           "--train.val_max_samples", str(8 if cfg.fast else 0),
                            "--run.resume", "false"])  # fmt: skip
             run_uri = f"{s3}/runs/demo-nano"
 
@@ -127,27 +138,68 @@ def run(cfg: DemoConfig) -> dict:
         with step("serve the encoder (Ray Serve) and embed an area through the endpoint"):
             results.update(_serve_and_embed(cfg, labelled, encoder_uri, out, storage))
 
-        with step("collect the results"):
-            local_run = os.path.join(out, "run")
-            os.makedirs(local_run, exist_ok=True)
-            for name in ("loss_curve.png", "metrics.jsonl"):
-                src = f"{run_uri}/{name}"
-                if storage.exists(src):
-                    storage.write_bytes(os.path.join(local_run, name), storage.read_bytes(src))
-            results["loss_curve"] = os.path.join(local_run, "loss_curve.png")
-            results["encoder"] = encoder_uri
-            results["run"] = run_uri
+        with step(f"copy the encoder, the run's metrics and its checkpoints summary into {out}"):
+            results.update(_collect(storage, run_uri, encoder_uri, out))
     finally:
         _shutdown(server, keep=cfg.keep_data, out=out)
-    print("\n=== demo finished; step times: " + ", ".join(f"{k.split(':')[0]} {v:.0f}s" for k, v in step.times.items()))
-    print(json.dumps(results, indent=2))
-    with open(os.path.join(out, "demo_results.json"), "w") as fh:
-        json.dump({"results": results, "step_seconds": step.times}, fh, indent=2)
+    return _report(results, step.times, out, cfg.keep_data)
+
+
+def _report(results: dict, times: dict, out: str, kept: bool) -> dict:
+    """demo_results.json and the closing lines: local paths only, each checked to exist (the bucket is gone)."""
+    missing = sorted(k for k, path in results.items() if not os.path.exists(path))
+    if missing:
+        raise RuntimeError(f"the demo's results {', '.join(missing)} are missing under {out}")
+    total = sum(times.values())
+    print(f"\n=== demo finished in {total // 60:.0f} min {total % 60:.0f} s; steps: "
+          + ", ".join(f"[{i}] {v:.0f} s" for i, v in enumerate(times.values(), 1)) + "; results:")  # fmt: skip
+    width = max(map(len, results))
+    print("\n".join(f"  {k:<{width}}  {path}" for k, path in results.items()))
+    if kept:
+        print(f"  S3 data kept in {out}/seaweedfs; serve it again: python -m pipelines.common.local_s3 serve "
+              f"{out}/seaweedfs")  # fmt: skip
+    summary = {"results": results, "step_seconds": times}
+    from pipelines.common.storage import Storage
+
+    Storage().write_text(os.path.join(out, "demo_results.json"), json.dumps(summary, indent=2))
+    print(f"  (all of it in {os.path.join(out, 'demo_results.json')})")
     return results
 
 
-# what one demo run writes under --out; a new run starts from a new bucket, so old results are stale
-RESULT_ENTRIES = ("area", "eval", "run", "demo_results.json")
+def _collect(storage, run_uri: str, encoder_uri: str, out: str) -> dict:
+    """Copies out of the demo's bucket what outlives it (the bucket goes when the demo ends, unless
+    --keep_data): the exported encoder, the run's metrics and loss curve, and a summary of its checkpoints."""
+    from olmoearth.checkpoint import STATE_FILE
+    from pipelines.pretrain.checkpoints import list_checkpoints
+
+    local_run, encoder = os.path.join(out, "run"), os.path.join(out, "model", os.path.basename(encoder_uri))
+    with storage.fs(encoder_uri).open(encoder_uri, "rb") as src, storage.open_atomic(encoder) as dst:
+        shutil.copyfileobj(src, dst, 2**22)
+    found = {"encoder": encoder}
+    for key, name in (("loss_curve", "loss_curve.png"), ("metrics", "metrics.jsonl")):
+        if storage.exists(f"{run_uri}/{name}"):
+            found[key] = os.path.join(local_run, name)
+            storage.write_bytes(found[key], storage.read_bytes(f"{run_uri}/{name}"))
+    checkpoints = []
+    for step, uri in list_checkpoints(storage, run_uri):
+        fs, base = storage.fs(uri), uri.split("://")[-1].rstrip("/") + "/"
+        sizes = {p.split(base, 1)[-1]: int(fs.size(p)) for p in sorted(fs.find(uri))}
+        state = json.loads(storage.read_text(f"{uri}/{STATE_FILE}"))
+        kept = {k: state[k] for k in ("samples_seen", "tokens_seen", "epochs", "resumed_from", "world_size")
+                if k in state}  # fmt: skip
+        checkpoints.append({"step": step, "uri": uri, **kept, "bytes": sum(sizes.values()), "files": sizes})
+    found["checkpoints"] = os.path.join(local_run, "checkpoints.json")
+    storage.write_text(found["checkpoints"], json.dumps({"run": run_uri, "checkpoints": checkpoints}, indent=1))
+    rows = [json.loads(line) for line in open(found["metrics"])] if "metrics" in found else []
+    last = rows[-1] if rows else {}
+    print(f"pretrain: step {last.get('step', '?')}, loss {last.get('loss', float('nan')):.4f}; "
+          f"{len(checkpoints)} checkpoint(s) kept, the last at step {checkpoints[-1]['step'] if checkpoints else '?'}")
+    return found
+
+
+# what one demo run writes under --out (with the S3 data a kept run left); a new run starts from a new bucket,
+# so old results are stale
+RESULT_ENTRIES = ("area", "eval", "run", "model", "seaweedfs", "demo_results.json")
 
 
 def _clear_previous_results(out: str) -> None:
@@ -171,6 +223,7 @@ def _serve_and_embed(cfg: DemoConfig, labelled: str, encoder_uri: str, out: str,
     port = free_port()
     serve_run(ServeConfig(model_uri=encoder_uri, port=port, min_replicas=1, max_replicas=1))
     url = f"http://127.0.0.1:{port}"
+    print(f"endpoint {url} (model {encoder_uri})", flush=True)
     # the labelled block is a contiguous set of grid cells: embed its first area_cells x area_cells cells
     cells = [parse_sample_id(i) for i in list_samples(labelled, storage)]  # (epsg, col, row)
     epsg = cells[0][0]
@@ -187,7 +240,7 @@ def _serve_and_embed(cfg: DemoConfig, labelled: str, encoder_uri: str, out: str,
     from ray import serve
 
     serve.shutdown()
-    return {"area": area_out, "serve_url_used": url}
+    return {"area": area_out}
 
 
 def _shutdown(server, keep: bool, out: str) -> None:

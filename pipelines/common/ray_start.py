@@ -28,11 +28,15 @@ def storage_env() -> dict[str, str]:
 def init_ray(num_cpus: int | None = None, address: str | None = None, **options) -> None:
     """Idempotent: does nothing when this process is already connected. `address` "local" asks for the
     embedded cluster even where RAY_ADDRESS is set; `options` go to ray.init as they are (a test's log
-    settings, say)."""
+    settings, say), over the quiet-or-verbose log settings of pipelines/common/logs.py."""
     import ray
 
+    from pipelines.common.logs import quiet_driver, ray_init_options
+
+    quiet_driver()  # the driver's own log settings, also when already connected
     if ray.is_initialized():
         return
+    options = {**ray_init_options(), **options}
     env = storage_env()
     runtime_env = {"env_vars": env} if env else None
     address = address or os.environ.get("RAY_ADDRESS")
