@@ -2,7 +2,15 @@
 
 One step = both masked views forward + backward + AdamW step, batch 16, every sample one token budget:
 all 12 bandsets (S2 x3, S1, Landsat x2 and the six maps), patch 4, 6x6 tokens per side, 9 timesteps
--> 36 * (6 * 9 + 6) = 2160 tokens (budget 2250). Masks: `modality_cross_random`, the same for (a) and (b).
+-> 36 * (6 * 9 + 6) = 2160 tokens (budget 2250). Masks: `modality_cross_random`, the same for (a), (b), (c).
+
+Each implementation runs with two sets of masks from the same draws: the corrected masking
+(olmoearth/masking.py today, the original's own rule: a bandset that is not encoded keeps its DECODER
+tokens, so every present map and non-encoded sensor bandset is decoded in every view) and the previous one
+(a bandset not drawn for decoding had its DECODER tokens ignored). The corrected masks give the decoder
+more queries (`decoded_queries_*` per step); the plain figure names (`nano_ours_tokens_per_s`, `ratio
+nano_ours/original`) are the previous masking's, as before; `*_corrected` the same with the corrected masks,
+and `ratio {size}_ours_step_time_corrected/previous` what the extra queries cost our step.
 
     (a) ours: `model(batch)` (encoder, decoder, frozen target projection, patch-disc + InfoNCE, D4 augment)
     (b) the original (`olmoearth_pretrain_minimal`, random weights, from its EncoderConfig / PredictorConfig /
@@ -13,8 +21,8 @@ all 12 bandsets (S2 x3, S1, Landsat x2 and the six maps), patch 4, 6x6 tokens pe
         transformer compute of the same step; a/c = our overhead (tokenising, encodings, packing, target,
         losses, cross- instead of self-attention).
 
-tokens/s counts the 2160 sample tokens x 16 per step for all three. Runs are interleaved (a, b, c, a, b,
-c, ...) so load from other processes hits all alike; the median step time is reported.
+tokens/s counts the 2160 sample tokens x 16 per step for all of them. Runs are interleaved (a, b, c, a, b,
+c, ... over both mask sets) so load from other processes hits all alike; the median step time is reported.
 
     python bench/model_step.py [--sizes nano,tiny] [--steps 1] [--device cpu]
 """
@@ -32,28 +40,57 @@ import torch
 
 from olmoearth import build_model
 from olmoearth.attention import Block
-from olmoearth.layout import DECODER, ENCODER
+from olmoearth.layout import DECODER, ENCODER, IGNORED
 from olmoearth.losses import info_nce, patch_discrimination
-from olmoearth.masking import modality_cross_random
+from olmoearth.masking import (
+    apply_bandset_rules,
+    candidates,
+    draw_bandsets,
+    modality_cross_random,
+    random_mask,
+)
 from olmoearth.modalities import MODALITIES
 
 B, P, HW, T = 16, 4, 6, 9
 
 
-def make_batch(rng, device):
+def previous_masking(present, rng):
+    """The masking before the correction, from the same draws: a bandset not drawn for decoding also lost its
+    DECODER tokens when it was not encoded (the samples here are whole, so the fallback never applies)."""
+    base = random_mask(present, rng, 0.5, 0.5)
+    pairs = candidates(base)
+    enc_set, dec_set = draw_bandsets(pairs, rng, 2)
+    out = apply_bandset_rules(base, pairs, enc_set, dec_set)
+    for name, m in out.items():
+        if not MODALITIES[name].encoder_input:
+            m[m == ENCODER] = IGNORED
+        for s in range(m.shape[-1]):
+            if (name, s) not in dec_set:
+                m[..., s][m[..., s] == DECODER] = IGNORED
+    return out
+
+
+def make_batches(rng, device):
+    """{"corrected": batch, "previous": batch}: the same inputs, masks from the same random draws."""
     H = HW * P
     x, present = {}, {}
     for n, m in MODALITIES.items():
         t = T if m.temporal else 1
         x[n] = torch.from_numpy(rng.normal(size=(B, H, H, t, m.num_bands)).astype(np.float32)).to(device)
         present[n] = np.ones((HW, HW, t, m.num_bandsets), bool)
+    months = torch.randint(0, 12, (B, T), device=device)
+    seeds = rng.integers(0, 2**31, size=(2, B))
 
-    def masks():
-        ms = [modality_cross_random(present, rng) for _ in range(B)]
+    def masks(masking, view):
+        ms = [masking(present, np.random.default_rng(int(s))) for s in seeds[view]]
         return {n: torch.from_numpy(np.stack([m[n] for m in ms])).to(device) for n in MODALITIES}
 
-    return {"x": x, "months": torch.randint(0, 12, (B, T), device=device), "patch_size": P,
-            "mask_a": masks(), "mask_b": masks()}
+    return {name: {"x": x, "months": months, "patch_size": P, "mask_a": masks(fn, 0), "mask_b": masks(fn, 1)}
+            for name, fn in (("corrected", modality_cross_random), ("previous", previous_masking))}
+
+
+def decoded_queries(batch) -> int:
+    return sum(int((m == DECODER).sum()) for key in ("mask_a", "mask_b") for m in batch[key].values())
 
 
 # ------------------------------------------------------------------------------------------------ (b)
@@ -169,42 +206,54 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    batch = make_batch(rng, dev)
+    batches = make_batches(np.random.default_rng(0), dev)
     tokens = B * HW * HW * (6 * T + 6)
     print(f"tokens per step: {tokens} (batch {B}, {tokens // B} per sample), device {dev}, "
           f"threads {torch.get_num_threads()}")
-    samples, full = original_samples(batch)
+    queries = {k: decoded_queries(b) for k, b in batches.items()}
+    print(f"decoded_queries_per_step: {queries['previous']} queries")
+    print(f"decoded_queries_per_step_corrected: {queries['corrected']} queries")
+    print(f"ratio decoded_queries_corrected/previous: {queries['corrected'] / queries['previous']:.2f}")
     for size in args.sizes.split(","):
-        ours = build_model(size).to(dev).train()
-        cfg = ours.config
-        orig = build_original(cfg, dev).train()
-        bare = Bare(cfg).to(dev).train()
-        bare_in = bare_inputs(batch, cfg, dev)
-        runs = {
-            "ours": partial(ours_step, ours, torch.optim.AdamW(ours.param_groups(0.02), lr=1e-4), batch),
-            "original": partial(original_step, orig,
-                                torch.optim.AdamW([p for p in orig.parameters() if p.requires_grad], lr=1e-4),
-                                samples, full),
-            "bare": partial(bare_step, bare, torch.optim.AdamW(bare.parameters(), lr=1e-4), bare_in),
-        }
-        times = {k: [] for k in runs}
-        for i in range(args.steps + 1):
-            for name, fn in runs.items():
-                sync(dev)
-                t0 = time.perf_counter()
-                fn()
-                sync(dev)
-                dt = time.perf_counter() - t0
-                print(f"  {size} {name} step {i}: {dt:.2f} s", file=sys.stderr, flush=True)
-                if i > 0:
-                    times[name].append(dt)
+        times = measure(size, batches, dev, args.steps)
         tps = {k: tokens / statistics.median(v) for k, v in times.items()}
-        for k in runs:
-            print(f"{size}_{k}_tokens_per_s: {tps[k]:.0f} tokens/s")
-        print(f"ratio {size}_ours/original: {tps['ours'] / tps['original']:.2f}")
-        print(f"ratio {size}_ours/bare: {tps['ours'] / tps['bare']:.2f}")
+        for suffix in ("", "_corrected"):
+            for k in ("ours", "original", "bare"):
+                print(f"{size}_{k}{suffix}_tokens_per_s: {tps[k + suffix]:.0f} tokens/s")
+            print(f"ratio {size}_ours/original{suffix}: {tps['ours' + suffix] / tps['original' + suffix]:.2f}")
+            print(f"ratio {size}_ours/bare{suffix}: {tps['ours' + suffix] / tps['bare' + suffix]:.2f}")
+        for k in ("ours", "original"):
+            print(f"ratio {size}_{k}_step_time_corrected/previous: {tps[k] / tps[k + '_corrected']:.2f}")
 
+
+def measure(size, batches, dev, steps) -> dict[str, list[float]]:
+    """Step times of every implementation under both mask sets ("ours", "ours_corrected", ...), interleaved."""
+    ours = build_model(size).to(dev).train()
+    cfg = ours.config
+    orig = build_original(cfg, dev).train()
+    bare = Bare(cfg).to(dev).train()
+    opts = {"ours": torch.optim.AdamW(ours.param_groups(0.02), lr=1e-4),
+            "original": torch.optim.AdamW([p for p in orig.parameters() if p.requires_grad], lr=1e-4),
+            "bare": torch.optim.AdamW(bare.parameters(), lr=1e-4)}
+    runs = {}
+    for masking, suffix in (("previous", ""), ("corrected", "_corrected")):
+        batch = batches[masking]
+        samples, full = original_samples(batch)
+        runs["ours" + suffix] = partial(ours_step, ours, opts["ours"], batch)
+        runs["original" + suffix] = partial(original_step, orig, opts["original"], samples, full)
+        runs["bare" + suffix] = partial(bare_step, bare, opts["bare"], bare_inputs(batch, cfg, dev))
+    times = {k: [] for k in runs}
+    for i in range(steps + 1):
+        for name, fn in runs.items():
+            sync(dev)
+            t0 = time.perf_counter()
+            fn()
+            sync(dev)
+            dt = time.perf_counter() - t0
+            print(f"  {size} {name} step {i}: {dt:.2f} s", file=sys.stderr, flush=True)
+            if i > 0:
+                times[name].append(dt)
+    return times
 
 if __name__ == "__main__":
     main()

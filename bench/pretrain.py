@@ -157,7 +157,8 @@ def plain_step_fn(cfg):
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.size)
     o = cfg.optim
-    opt = torch.optim.AdamW(model.param_groups(o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    groups = model.param_groups(o.weight_decay, exempt_norms_and_biases=o.exempt_norms_and_biases)  # as the job
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor_fn(o, cfg.train.max_steps))
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()

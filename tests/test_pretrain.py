@@ -138,9 +138,16 @@ def test_loss_curve_png():
 
 
 def test_checkpoints_listed_by_step_across_trials_and_pruned(s3_server, s3_bucket):
+    import tempfile
+
     from olmoearth.checkpoint import STATE_FILE
     from pipelines.common.storage import Storage, join
-    from pipelines.pretrain.checkpoints import latest_checkpoint, list_checkpoints, prune_checkpoints
+    from pipelines.pretrain.checkpoints import (
+        latest_checkpoint,
+        list_checkpoints,
+        prune_checkpoints,
+        write_completeness,
+    )
 
     storage = Storage()
     run = join(s3_bucket, "runs", "r")
@@ -149,8 +156,11 @@ def test_checkpoints_listed_by_step_across_trials_and_pruned(s3_server, s3_bucke
               "TorchTrainer_b": {"checkpoint_000000": 15, "checkpoint_000001": 20}}  # fmt: skip
     for trial, cks in layout.items():
         for name, step in cks.items():
-            storage.write_text(join(run, trial, name, STATE_FILE), json.dumps({"step": step}))
-            storage.write_text(join(run, trial, name, "ds", "latest"), "ds")
+            with tempfile.TemporaryDirectory() as local:  # one rank's folder, as the loop writes it
+                storage.write_text(join(local, STATE_FILE), json.dumps({"step": step, "world_size": 1}))
+                storage.write_text(join(local, "ds", "latest"), "ds")
+                write_completeness(local, 0)
+                storage.fs(run).put(local + "/", join(run, trial, name), recursive=True)
     storage.write_text(join(run, "TorchTrainer_b", "checkpoint_000002", "ds", "latest"), "ds")  # incomplete
     steps = [s for s, _ in list_checkpoints(storage, run)]
     assert steps == [5, 10, 15, 20]
@@ -193,8 +203,9 @@ def nano_config(corpus, name: str):
     storage, bucket, shards = corpus
     cfg = {
         "model": {"size": "nano"},
-        "data": {"shards_uri": shards, "batch_size": 2, "min_patch_size": 2, "max_patch_size": 4,
-                 "max_tokens_per_side": 4, "token_budget": 400, "local_shuffle_buffer": 32,
+        # the corpus's own statistics: the export test checks the encoder carries them
+        "data": {"shards_uri": shards, "norm_stats": "corpus", "batch_size": 2, "min_patch_size": 2,
+                 "max_patch_size": 4, "max_tokens_per_side": 4, "token_budget": 400, "local_shuffle_buffer": 32,
                  "num_cpus_per_task": 0.5},
         # lr 3e-4 (3 warmup steps): with a higher peak the pooled projections of different samples draw
         # together in the first tens of steps (the contrastive part rises) and the total loss stalls
@@ -375,6 +386,39 @@ def test_resubmitted_run_continues_from_its_checkpoint(corpus, trained, monkeypa
     assert state["resumed_from"] == [5, 30]
     assert [r["step"] for r in state["history"]] == list(range(1, 35))
     assert [s for s, _ in list_checkpoints(storage, run)] == [30, 34]  # pruned across both attempts
+
+
+def test_resume_and_export_skip_incomplete_checkpoints(corpus, trained, monkeypatch):
+    """The two faults of a run's storage: the newest checkpoint lost an optimiser shard, and a newer one holds
+    only train_state.json (its upload stopped). Export takes the newest complete checkpoint and says which it
+    skipped; a resubmitted run resumes from it, not from either broken one."""
+    from olmoearth.checkpoint import STATE_FILE
+    from pipelines.common.faults import FAULTS_ENV
+    from pipelines.pretrain.checkpoints import list_checkpoints
+    from pipelines.pretrain.export import export_encoder
+    from pipelines.pretrain.job import fit
+
+    storage, bucket, _ = corpus
+    cfg, _, run = trained
+    before = list_checkpoints(storage, run)  # [30, 34] after the resubmitted run
+    (prev_step, prev), (_, newest) = before[-2:]
+    fs = storage.fs(run)
+    shard = sorted(fs.glob(newest + "/ds/*optim_states.pt"))[-1]
+    fs.rm(shard)
+    cut = newest.rsplit("/", 2)[0] + "/TorchTrainer_cut/checkpoint_000099"
+    state = json.loads(storage.read_text(newest + "/" + STATE_FILE))
+    storage.write_text(cut + "/" + STATE_FILE, json.dumps(dict(state, step=99)))
+    assert list_checkpoints(storage, run)[-1] == (prev_step, prev)
+    summary = export_encoder(run, str(bucket) + "/models/fallback.safetensors", storage)
+    assert summary["step"] == prev_step and summary["source"] == prev
+    why = dict(summary["incomplete_skipped"])  # what the export's warnings say, returned too
+    assert "optim_states.pt is missing" in why[newest] and why[cut].startswith("no complete.0.json")
+    cfg.train.max_steps = prev_step + 2
+    monkeypatch.delenv(FAULTS_ENV, raising=False)
+    result = fit(cfg)
+    assert result.metrics["step"] == prev_step + 2
+    final = final_state(storage, run)
+    assert final["resumed_from"][-1] == prev_step and final["step"] == prev_step + 2
 
 
 @pytest.mark.parametrize("stage", [1, 3])

@@ -3,6 +3,7 @@ the numbers that must agree are checked.
 
     cfg = load_config(PretrainConfig, argv)     # pipelines/common/config.py: YAML + --section.field flags
     grad_accum = validate(cfg)
+    final_step(cfg)                             # where the run stops: train.stop_at_step or train.max_steps
 
 The config object itself travels to the training workers (Ray pickles it)."""
 
@@ -13,16 +14,24 @@ from dataclasses import dataclass, field
 from pipelines.common.storage import join
 from pipelines.pretrain.engine import OptimConfig, grad_accum_steps, lr_factor_fn, resolve_precision
 from pipelines.pretrain.stream import StreamConfig
+from pipelines.pretrain.validation import check_patch_sizes
 
 
 @dataclass
 class ModelSection:
     size: str = "base"  # model size preset: nano | tiny | base | large
+    # start a fresh run from these weights (anything olmoearth.load_model reads: an exported encoder, whose
+    # decoder stays fresh; a whole-model file; an original v1 folder; a pretraining checkpoint), loaded
+    # strictly (every shape that of `size`); a resumed run restores its checkpoint instead; "": none
+    init_from: str = ""
 
 
 @dataclass
 class TrainSection:
-    max_steps: int = 667_200  # optimiser steps (the original Base: 300 epochs x 2,224 steps)
+    max_steps: int = 667_200  # optimiser steps of the schedule (the original: 300 epochs x 2,224 steps)
+    # stop after this step, the lr schedule still that of max_steps (the v1 releases were taken mid-cosine);
+    # 0: run to max_steps
+    stop_at_step: int = 0
     global_batch_size: int = 512  # samples per optimiser step, all workers and microbatches together
     zero_stage: int = 2  # DeepSpeed ZeRO stage 1, 2 or 3
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
@@ -36,6 +45,10 @@ class TrainSection:
     # the probe task is pipelines.evaluation.synth_task.EUROSAT_LIKE (configs/eval_synth.yaml) with these two
     probe_chip_size: int = 32  # probe chip side, pixels
     probe_max_timesteps: int = 1  # timesteps per probe chip
+    val_every: int = 0  # steps between validation losses on the held-out shards (data.val_shards; 0: none)
+    # patch sizes of the validation batches: every held-out sample is cropped and masked once per size
+    val_patch_sizes: list[int] = field(default_factory=lambda: [2, 4, 8])
+    val_max_samples: int = 0  # held-out 128 x 128 samples validated on, a seeded subset (0: all)
 
 
 @dataclass
@@ -78,18 +91,30 @@ def micro_batch_size(cfg: PretrainConfig) -> int:
     return int(cfg.data.batch_size)
 
 
+def final_step(cfg: PretrainConfig) -> int:
+    """The step the run ends at (its last checkpoint): train.stop_at_step when set, else train.max_steps."""
+    return cfg.train.stop_at_step or cfg.train.max_steps
+
+
 def validate(cfg: PretrainConfig) -> int:
     """Check the numbers that must agree; returns the gradient-accumulation steps."""
     t = cfg.train
     for name in ("max_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
         if getattr(t, name) <= 0:
             raise ValueError(f"train.{name} must be > 0, got {getattr(t, name)}")
+    if not 0 <= t.stop_at_step <= t.max_steps:
+        raise ValueError(f"train.stop_at_step must lie in [0, train.max_steps={t.max_steps}] (0: run to "
+                         f"max_steps), got {t.stop_at_step}")
     if cfg.scaling.num_workers <= 0:
         raise ValueError(f"scaling.num_workers must be > 0, got {cfg.scaling.num_workers}")
     resolve_precision(t.precision, cfg.scaling.use_gpu)
     lr_factor_fn(cfg.optim, t.max_steps)  # checks the warmup fits the run
     if t.zero_stage not in (1, 2, 3):
         raise ValueError(f"train.zero_stage must be 1, 2 or 3, got {t.zero_stage}")
+    if t.val_every > 0:
+        if cfg.data.val_shards <= 0:
+            raise ValueError("train.val_every > 0 needs data.val_shards > 0 (the held-out validation shards)")
+        check_patch_sizes(t.val_patch_sizes)
     if t.probe_every > 0 and not t.probe_uri:
         raise ValueError("train.probe_every > 0 needs train.probe_uri (a labelled synthetic corpus)")
     return grad_accum_steps(t.global_batch_size, micro_batch_size(cfg), cfg.scaling.num_workers)

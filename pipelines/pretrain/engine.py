@@ -22,7 +22,10 @@ class OptimConfig:
     """AdamW and its schedule (defaults: the original's Base recipe)."""
 
     lr: float = 1e-4  # peak learning rate
-    weight_decay: float = 0.02  # AdamW weight decay, on every trainable parameter (as the original)
+    weight_decay: float = 0.02  # AdamW weight decay
+    # false: the original's one group, weight decay on every trainable parameter (biases, norms, channel
+    # embeddings and mask token included); true: none on those (the common ViT practice)
+    exempt_norms_and_biases: bool = False
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.999  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW denominator epsilon

@@ -15,21 +15,24 @@ from pipelines.common.faults import fault_plan
 from pipelines.common.ray_start import init_ray
 from pipelines.common.storage import Storage, is_s3, strip_scheme
 from pipelines.pretrain.checkpoints import checkpoint_step, latest_checkpoint, prune_checkpoints, ray_storage
-from pipelines.pretrain.config import PretrainConfig, run_uri, validate
+from pipelines.pretrain.config import PretrainConfig, final_step, run_uri, validate
 from pipelines.pretrain.loop import Probe, train_loop
+from pipelines.pretrain.worker import check_init_from
 
 
 def _progress_callback(total: int, initial: int):
-    """A Ray Tune callback that moves a tqdm bar on the driver as workers report steps. The bar is made on
-    the driver at the first result (the callback itself is pickled into the run's config)."""
+    """A Ray Tune callback that moves a tqdm bar on the driver as workers report steps; its postfix shows
+    the latest training loss, validation loss, learning rate and token rate (each kept until a newer one
+    comes: validation is reported every train.val_every steps only). The bar is made on the driver at the
+    first result (the callback itself is pickled into the run's config)."""
     from ray.tune import Callback
 
     class Progress(Callback):
         def __init__(self):
-            self.bar = None
+            self.bar, self.postfix = None, {}
 
         def __getstate__(self):
-            return {"bar": None}
+            return {"bar": None, "postfix": {}}
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if self.bar is None:
@@ -38,8 +41,10 @@ def _progress_callback(total: int, initial: int):
                 self.bar = tqdm(total=total, initial=initial, desc="pretrain", unit="step")
             step = int(result.get("step", self.bar.n))
             self.bar.update(max(0, step - self.bar.n))
-            post = {k: f"{result[k]:.4g}" for k in ("loss", "lr", "tokens_per_s") if k in result}
-            self.bar.set_postfix(post, refresh=False)
+            for k in ("loss", "val_loss", "lr", "tokens_per_s"):
+                if k in result:
+                    self.postfix[k] = f"{result[k]:.4g}"
+            self.bar.set_postfix(self.postfix, refresh=False)
 
         def on_experiment_end(self, trials, **info):
             if self.bar is not None:
@@ -78,17 +83,17 @@ def _trainer(cfg: PretrainConfig, fs, path: str, resume_from, initial: int, prob
             name=cfg.run.name, storage_path=path, storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            callbacks=[_progress_callback(cfg.train.max_steps, initial)], verbose=0,
+            callbacks=[_progress_callback(final_step(cfg), initial)], verbose=0,
         ),
         resume_from_checkpoint=resume_from,
     )  # fmt: skip
 
 
 def fit(cfg: PretrainConfig, probe: Probe | None = None):
-    """Run (or continue) pretraining; returns Ray's Result (None when the run had already reached
-    train.max_steps). `probe(encoder) -> {name: score}` (picklable) is called every train.probe_every steps;
-    it is required when probe_every > 0. The run's final metrics.jsonl and loss_curve.png lie in
-    run_uri(cfg)."""
+    """Run (or continue) pretraining; returns Ray's Result (None when the run had already reached its
+    final step, train.stop_at_step or train.max_steps). `probe(encoder) -> {name: score}` (picklable) is
+    called every train.probe_every steps; it is required when probe_every > 0. The run's final
+    metrics.jsonl and loss_curve.png lie in run_uri(cfg)."""
     validate(cfg)
     if cfg.train.probe_every > 0 and probe is None:
         raise ValueError("train.probe_every > 0 needs a probe (pipelines.evaluation.hook.make_probe)")
@@ -97,9 +102,11 @@ def fit(cfg: PretrainConfig, probe: Probe | None = None):
     storage.makedirs(cfg.run.storage_path)
     fs, path = ray_storage(storage, cfg.run.storage_path)
     resume_from, initial = _resume_point(cfg, storage, fs)
-    if initial >= cfg.train.max_steps:
-        print(f"{uri} already reached step {initial} >= train.max_steps={cfg.train.max_steps}; nothing to do")
+    if initial >= final_step(cfg):
+        print(f"{uri} already reached step {initial} >= its final step {final_step(cfg)}; nothing to do")
         return None
+    if resume_from is None:
+        check_init_from(cfg, storage)  # a fresh start: refuse wrong weights before any worker starts
     trainer = _trainer(cfg, fs, path, resume_from, initial, probe)
     init_ray()
     result = trainer.fit()

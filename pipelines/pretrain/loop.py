@@ -4,7 +4,13 @@ Each worker: build the model, wrap it in a DeepSpeed engine (ZeRO 1/2/3, AdamW o
 only: the frozen target projection is never in the optimiser), restore the latest checkpoint if Ray hands
 one over, then per epoch read its split of the corpus stream (rank 0 builds the epoch's Ray Data dataset,
 already skipping the part of the epoch finished before the checkpoint, and deals `streaming_split`
-iterators to all ranks), step, log, probe, checkpoint.
+iterators to all ranks), step, log, validate, probe, checkpoint.
+
+Validation (train.val_every > 0): the held-out shards' fixed batches (pipelines/pretrain/validation.py) are
+built once per worker process at start, and the model's loss parts on them join the metrics row every
+val_every steps and at the end; a fresh run also logs them, with the probe, before its first step, as step 0:
+the untrained model's figures that the curve starts from. Each metrics row also holds the training loss per
+patch size of its interval (`loss_p<p>`): the batch's patch size sets most of a step's loss.
 
 The driver (pipelines/pretrain/job.py) hands every worker the config object, the test fault plan
 (pipelines/common/faults.py) and an optional probe: any picklable `probe(encoder) -> {name: score}` built by
@@ -22,15 +28,30 @@ import torch
 
 from olmoearth.checkpoint import DS_TAG, REFERENCE_FILE, STATE_FILE
 from olmoearth.layout import DECODER, ENCODER, MISSING
+from olmoearth.modalities import MAX_PATCH_SIZE
 from pipelines.common.storage import Storage
-from pipelines.corpus.shards import load_norm_stats
-from pipelines.pretrain.checkpoints import TrainState, save_history
+from pipelines.pretrain.checkpoints import (
+    TrainState,
+    checkpoint_uri,
+    ray_checkpoint,
+    resume_checkpoint,
+    save_history,
+    write_completeness,
+)
 from pipelines.pretrain.collective import all_reduce_mean, all_reduce_sum, epoch_iterator, gather_consumed
-from pipelines.pretrain.config import PretrainConfig, micro_batch_size, run_uri
+from pipelines.pretrain.config import PretrainConfig, final_step, micro_batch_size, run_uri
 from pipelines.pretrain.engine import grad_accum_steps, resolve_precision
-from pipelines.pretrain.stream import indexed_batches, num_batches
+from pipelines.pretrain.stream import indexed_batches, num_batches, stream_norm_stats, to_torch
 from pipelines.pretrain.throughput import RunningMeter, memory_bytes, peak_flops, train_step_flops
-from pipelines.pretrain.worker import autocast, build_engine, model_shape, normal_priority, reference_output
+from pipelines.pretrain.validation import validation_batches, validation_losses
+from pipelines.pretrain.worker import (
+    autocast,
+    build_engine,
+    init_weights,
+    model_shape,
+    normal_priority,
+    reference_output,
+)
 
 LOSS_KEYS = ("loss", "patch_disc", "contrastive")
 
@@ -118,7 +139,10 @@ class TrainLoop:
         self.startup: dict | None = {"startup_worker_s": entered - submitted, "startup_engine_s": self.ready - entered}
         self.loss_sums: dict[str, torch.Tensor] = {}
         self.n_micro = 0
+        self.patch_sums: dict[int, torch.Tensor] = {}  # training loss summed per patch size, this interval
+        self.patch_counts: dict[int, int] = {}
         self.last_batch = None
+        self.val_batches = self._load_validation()
 
     def _set_up_process(self) -> None:
         import ray.train.torch
@@ -135,22 +159,33 @@ class TrainLoop:
         self.grad_accum = grad_accum_steps(cfg.train.global_batch_size, micro_batch_size(cfg), self.world_size)
 
     def _build_engine(self) -> None:
+        import ray.train
+
         from olmoearth import build_model
 
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model.size, norm_stats=load_norm_stats(cfg.data.shards_uri, self.storage))
+        model = build_model(cfg.model.size, norm_stats=stream_norm_stats(cfg.data, self.storage))
+        if cfg.model.init_from and ray.train.get_checkpoint() is None:  # a resumed run restores its own instead
+            init_weights(model, cfg.model.init_from, self.storage)
         self.shape = model_shape(model)
         self.engine = build_engine(cfg, model, self.world_size, self.grad_accum, cfg.scaling.use_gpu,
                                    self.precision)  # fmt: skip
 
     def _restore(self) -> None:
-        """The latest checkpoint's weights, optimiser and training state, when Ray hands one over."""
+        """The latest checkpoint's weights, optimiser and training state, when Ray hands one over; if that
+        one is incomplete on storage now (a shard lost since it was reported), the run's newest complete one."""
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return
+        offered = checkpoint_uri(checkpoint, self.out_uri)
+        uri = resume_checkpoint(self.storage, self.out_uri, offered)
+        if uri is None:
+            return
+        if uri != offered:
+            checkpoint = ray_checkpoint(self.storage, uri)
         with checkpoint.as_directory() as d:
             self.engine.load_checkpoint(d, tag=DS_TAG)
             with open(os.path.join(d, STATE_FILE)) as fh:
@@ -162,7 +197,9 @@ class TrainLoop:
 
     def run(self) -> None:
         state = self.state
-        while state.step < self.cfg.train.max_steps:
+        if state.step == 0 and self.cfg.train.val_every > 0:
+            self._evaluate_untrained()
+        while state.step < final_step(self.cfg):
             if state.resume_point()[0] >= num_batches(self.cfg.data, self.storage, state.epoch):
                 self._finish_epoch(state.consumed)  # resumed from a checkpoint taken at the very end of an epoch
                 continue
@@ -172,7 +209,7 @@ class TrainLoop:
             print(f"pretraining finished at step {state.step}; MFU peak from {self.peak_source}")
 
     def _run_epoch(self) -> bool:
-        """Train on this rank's split of the current epoch; True when the run reached max_steps in it."""
+        """Train on this rank's split of the current epoch; True when the run reached its final step in it."""
         started = time.perf_counter()
         shard = epoch_iterator(self.cfg.data, self.storage, self.state.epoch, self.state, self.rank, self.world_size)
         self.meter.add_data_wait(time.perf_counter() - started)
@@ -209,19 +246,25 @@ class TrainLoop:
             if k in out:
                 self.loss_sums[k] = self.loss_sums.get(k, 0.0) + out[k].detach().float()
         self.n_micro += 1
+        p = int(batch["patch_size"])
+        self.patch_sums[p] = self.patch_sums.get(p, 0.0) + out["loss"].detach().float()
+        self.patch_counts[p] = self.patch_counts.get(p, 0) + 1
         present, views = token_counts(batch)
         self.meter.add_work(len(present), int(present.sum()), train_step_flops(self.shape, present, views))
         self.state.tokens_seen += int(present.sum()) * self.world_size
         self.last_batch = batch
 
     def _after_step(self, already: list[int], mine: list[int]) -> bool:
-        """Count the optimiser step just taken; log, probe and checkpoint when due. True at max_steps."""
+        """Count the optimiser step just taken; log, probe and checkpoint when due. True at the final step."""
         state, t = self.state, self.cfg.train
         state.step += 1
         state.samples_seen += t.global_batch_size
         self._inject_fault()
-        done = state.step >= t.max_steps
-        row = self._metrics_row() if state.step % t.log_every == 0 or done else None
+        done = state.step >= final_step(self.cfg)
+        validate = t.val_every > 0 and (state.step % t.val_every == 0 or done)
+        row = self._metrics_row() if state.step % t.log_every == 0 or done or validate else None
+        if validate:
+            self._run_validation(row)
         if self.probe is not None and (state.step % t.probe_every == 0 or done):
             self._run_probe(row)
         if row is not None:
@@ -246,6 +289,7 @@ class TrainLoop:
         self.loss_sums, self.n_micro = {}, 0
         row = self.meter.record(self.world_size, lambda counts: all_reduce_sum(counts, self.device))
         row.update(losses)
+        row.update(self._patch_losses())
         row.update(step=self.state.step, epoch=self.state.epoch, lr=float(self.engine.get_lr()[0]),
                    grad_norm=grad_norm(self.engine), memory_gb=memory_bytes(self.device) / 2**30,
                    peak_tflops=self.peak / 1e12)  # fmt: skip
@@ -254,10 +298,52 @@ class TrainLoop:
             self.startup = None
         return row
 
+    def _patch_losses(self) -> dict:
+        """{"loss_p<p>": mean training loss of the interval's batches of patch size p} over all ranks."""
+        sizes = range(1, MAX_PATCH_SIZE + 1)
+        local = [float(self.patch_sums.get(p, 0.0)) for p in sizes]
+        local += [float(self.patch_counts.get(p, 0)) for p in sizes]
+        total = all_reduce_sum(local, self.device)
+        self.patch_sums, self.patch_counts = {}, {}
+        n = len(sizes)
+        return {f"loss_p{p}": total[i] / total[n + i] for i, p in enumerate(sizes) if total[n + i] > 0}
+
+    def _evaluates(self) -> bool:
+        """Whether this rank runs the probe and the validation: rank 0 alone, or every rank under ZeRO-3,
+        whose parameter gathers are collective (all ranks then compute the same figures)."""
+        return self.rank == 0 or self.cfg.train.zero_stage == 3
+
+    def _load_validation(self) -> list[dict] | None:
+        """The validation batches on this rank's device, when validation is on and this rank evaluates."""
+        t = self.cfg.train
+        if t.val_every <= 0 or not self._evaluates():
+            return None
+        batches = validation_batches(self.cfg.data, self.storage, t.val_patch_sizes, t.val_max_samples)
+        return [cast_batch(to_torch(b, self.device), self.dtype) for b in batches]
+
+    def _run_validation(self, row: dict | None) -> None:
+        """The model's loss parts on the validation batches; they join this step's row (rank 0's)."""
+        if self.val_batches is None:
+            return
+        started = time.perf_counter()
+        with autocast(self.dtype):
+            losses = validation_losses(self.engine.module, self.val_batches)
+        self.meter.start += time.perf_counter() - started  # validation time is not training time
+        if row is not None and self.rank == 0:
+            row.update(losses)
+
+    def _evaluate_untrained(self) -> None:
+        """Step 0 of a fresh run: the validation losses (and probe scores) of the model before any step."""
+        row = {"step": 0, "epoch": 0}
+        self._run_validation(row)
+        if self.probe is not None:
+            self._run_probe(row)
+        self.state.history.append(row)
+        self._report(row, checkpoint=False)
+
     def _run_probe(self, row: dict | None) -> None:
-        """Score the encoder being trained; the scores join this step's row. ZeRO-3 gathers parameters
-        collectively, so then every rank runs the (identical) probe; else rank 0 alone."""
-        if self.rank != 0 and self.cfg.train.zero_stage != 3:
+        """Score the encoder being trained; the scores join this step's row."""
+        if not self._evaluates():
             return
         started = time.perf_counter()
         with autocast(self.dtype):
@@ -279,7 +365,7 @@ class TrainLoop:
         with tempfile.TemporaryDirectory() as tmp:
             self.engine.save_checkpoint(tmp, tag=DS_TAG)  # collective: every rank writes its ZeRO shards
             reference = None
-            if state.step >= self.cfg.train.max_steps and self.last_batch is not None:  # all ranks (ZeRO-3)
+            if state.step >= final_step(self.cfg) and self.last_batch is not None:  # all ranks (ZeRO-3)
                 reference = reference_output(self.engine.module.encoder, self.last_batch, self.dtype)
             if self.rank == 0:
                 with open(os.path.join(tmp, STATE_FILE), "w") as fh:
@@ -287,6 +373,7 @@ class TrainLoop:
                 if reference is not None:
                     torch.save(reference, os.path.join(tmp, REFERENCE_FILE))
                 save_history(self.storage, self.out_uri, state.history)
+            write_completeness(tmp, self.rank)  # last: this rank's files and sizes, checked on resume/export
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
     def _finish_epoch(self, consumed: list[int]) -> None:

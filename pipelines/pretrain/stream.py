@@ -20,7 +20,8 @@ Design (one Ray Data row = ONE WHOLE COLLATED BATCH, because the patch size and 
        T_b = min(12, (budget - hw^2 * n_static_bandsets) // (hw^2 * n_spacetime_bandsets)),
    counted over ALL modalities of the batch (maps included), so every sample holds <= budget tokens.
    Then two independent `modality_cross_random` masks per sample (views a and b), normalisation with
-   the build's statistics, NaN -> 0, and collation. Flips/rotations are done by the model per view
+   the chosen statistics (`norm_stats`: the original's published ones, or the build's), NaN -> 0, and
+   collation. Flips/rotations are done by the model per view
    (olmoearth/layout.py), not here.
 3. Each output row: {"batch": pickle of the numpy batch dict, "index": batch number in the epoch,
    "epoch", "num_samples", "samples": JSON [[shard, row, quadrant], ...] of its samples};
@@ -49,11 +50,15 @@ from pipelines.corpus.shards import load_manifest, load_norm_stats, read_cell
 from pipelines.corpus.stored import cut_stored, grid_crop
 
 SUB = 128  # training sample side, pixels (a quarter of a 256 x 256 cell)
+NORM_STATS_CHOICES = ("published", "corpus")
 
 
 @dataclass
 class StreamConfig:
     shards_uri: str = ""  # output of build-corpus (has manifest.json)
+    # normalisation statistics: published (the original's fixed v1 statistics, NormStats.default) | corpus
+    # (the build's own norm_stats.json, for a corpus of one's own sensor mix)
+    norm_stats: str = "published"
     batch_size: int = 32  # 128 x 128 samples per batch (per worker per forward/backward in training)
     token_budget: int = 2250  # most tokens per sample (all modalities)
     min_patch_size: int = 1  # smallest patch size drawn per batch, pixels
@@ -62,6 +67,7 @@ class StreamConfig:
     shuffle: str = "local"  # local (new shard order + window shuffle) or full (a global cell permutation)
     local_shuffle_buffer: int = 64  # samples per shuffle window
     seed: int = 0  # seed of the epoch order, crops and masks (with the epoch number)
+    val_shards: int = 0  # the manifest's last N shards are the validation set, never read by training
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES))  # modalities read into batches
     encode_ratio: float = 0.5  # share of a sample's present tokens the encoder sees
     decode_ratio: float = 0.5  # share of a sample's present tokens the decoder predicts
@@ -71,6 +77,8 @@ class StreamConfig:
     num_cpus_per_task: float = 1.0  # Ray CPUs of each batch-making task
 
     def __post_init__(self):
+        if self.norm_stats not in NORM_STATS_CHOICES:
+            raise ValueError(f"StreamConfig.norm_stats must be one of {NORM_STATS_CHOICES}, got {self.norm_stats!r}")
         if self.shuffle not in ("local", "full"):
             raise ValueError(f"StreamConfig.shuffle must be 'local' or 'full', got {self.shuffle!r}")
         for m in self.modalities:
@@ -82,8 +90,26 @@ class StreamConfig:
             raise ValueError("StreamConfig.batch_size must be >= 1")
 
 
+def stream_norm_stats(cfg: StreamConfig, storage: Storage) -> NormStats:
+    """The statistics the stream normalises with, which the model trained on it carries: the original's
+    published ones (default) or the corpus build's own."""
+    if cfg.norm_stats == "corpus":
+        return load_norm_stats(cfg.shards_uri, storage)
+    return NormStats.default()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The epoch plan (driver side, from the manifest only)
+
+
+def split_shards(manifest: dict, val_shards: int) -> tuple[list[dict], list[dict]]:
+    """(training shards, held-out validation shards) of a manifest: the last `val_shards` are held out
+    (pipelines/pretrain/validation.py); the build shuffled the samples globally, so they are a random share."""
+    shards = list(manifest["shards"])
+    if val_shards < 0 or (val_shards and val_shards >= len(shards)):
+        raise ValueError(f"data.val_shards={val_shards} must leave training at least one of the corpus's "
+                         f"{len(shards)} shards")  # fmt: skip
+    return shards[: len(shards) - val_shards], shards[len(shards) - val_shards :]
 
 
 def epoch_plan(
@@ -91,7 +117,7 @@ def epoch_plan(
 ) -> list[dict]:
     """The windows of one epoch: [{"window", "first_batch", "num_batches", "subs": [[shard, row, quadrant]]}]."""
     manifest = manifest or load_manifest(cfg.shards_uri, storage)
-    shards = [(s["path"], s["rows"]) for s in manifest["shards"]]
+    shards = [(s["path"], s["rows"]) for s in split_shards(manifest, cfg.val_shards)[0]]
     rng = np.random.default_rng([cfg.seed, epoch, 17])
     if cfg.shuffle == "local":
         cells = [(path, r) for i in rng.permutation(len(shards)) for path, n in [shards[i]] for r in range(n)]
@@ -258,10 +284,11 @@ def window_batches(item: dict, cfg: StreamConfig, norm: NormStats) -> list[dict]
 def epoch_windows(cfg: StreamConfig, storage: Storage, epoch: int = 0,
                   skip_batches: int = 0) -> tuple[list[dict], Callable[[dict], list[dict]]]:
     """The epoch's windows as work items, and the function that turns one item into its batch rows
-    (`window_batches` with the config and the corpus statistics bound); the first `skip_batches` batches are
-    left out (resume). What the Ray Data stream maps over; any other runner can map it the same way."""
+    (`window_batches` with the config and the chosen statistics, `stream_norm_stats`, bound); the first
+    `skip_batches` batches are left out (resume). What the Ray Data stream maps over; any other runner can
+    map it the same way."""
     manifest = load_manifest(cfg.shards_uri, storage)
-    norm = load_norm_stats(cfg.shards_uri, storage)
+    norm = stream_norm_stats(cfg, storage)
     items = []
     for w in epoch_plan(cfg, storage, epoch, manifest):
         end = w["first_batch"] + w["num_batches"]

@@ -1,13 +1,16 @@
-"""What a training worker sets up before its loop and keeps beside it: its process priority, the DeepSpeed
-engine over the model, the model's FLOP shape, and the reference output saved with the final checkpoint.
-The bench builds its in-process engine with `build_engine` too, so both run the same DeepSpeed setup."""
+"""What a training worker sets up before its loop and keeps beside it: its process priority, the initial
+weights (`model.init_from`), the DeepSpeed engine over the model, the model's FLOP shape, and the reference
+output saved with the final checkpoint. The bench builds its in-process engine with `build_engine` too, so
+both run the same DeepSpeed setup."""
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
+from pipelines.common.storage import Storage, is_s3
 from pipelines.pretrain.config import PretrainConfig, micro_batch_size
 from pipelines.pretrain.engine import deepspeed_config, lr_factor_fn, use_own_torch_extensions_dir
 from pipelines.pretrain.throughput import ModelShape
@@ -30,6 +33,44 @@ def normal_priority() -> bool:
     return os.getpriority(os.PRIO_PROCESS, 0) == 0
 
 
+def init_weights(model, source: str, storage: Storage) -> str:
+    """Load `source` into `model` strictly (`model.init_from`): anything `olmoearth.load_model` reads. An
+    encoder export fills model.encoder (decoder and frozen target projection stay as initialised), any other
+    source the whole model. A tensor missing, extra or shaped otherwise than the configured size's raises
+    CheckpointError naming it and both shapes. The model keeps its own normalisation statistics (the
+    stream's). Returns "encoder" or "model", what was filled."""
+    from olmoearth import load_model
+    from olmoearth.checkpoint import load_weights
+    from olmoearth.encoder import Encoder
+
+    src = load_model(source, fs=storage.fs(source) if is_s3(source) else None)
+    if isinstance(src, Encoder):
+        load_weights(model.encoder, src.state_dict(), f"model.init_from {source} (an encoder export)")
+        return "encoder"
+    load_weights(model, src.state_dict(), f"model.init_from {source}")
+    return "model"
+
+
+def check_init_from(cfg: PretrainConfig, storage: Storage) -> None:
+    """The driver's check of `model.init_from` before any worker starts: the same strict load, into a model
+    of the configured size built on the meta device (which holds no weights)."""
+    from olmoearth import build_model
+
+    if not cfg.model.init_from:
+        return
+    with torch.device("meta"):
+        model = build_model(cfg.model.size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that copying into meta tensors does nothing: the point
+        init_weights(model, cfg.model.init_from, storage)
+
+
+def optimizer_groups(cfg: PretrainConfig, model) -> list[dict]:
+    """AdamW's parameter groups: one, every trainable parameter decayed (the original), or with
+    `optim.exempt_norms_and_biases` none on biases, norms, channel embeddings and the mask token."""
+    return model.param_groups(cfg.optim.weight_decay, exempt_norms_and_biases=cfg.optim.exempt_norms_and_biases)
+
+
 def build_engine(cfg: PretrainConfig, model, world_size: int, grad_accum: int, use_gpu: bool, precision: str):
     """The DeepSpeed engine over the model's trainable groups (the frozen target projection is not in them),
     with the config's ZeRO stage, AdamW, clipping and schedule."""
@@ -40,7 +81,7 @@ def build_engine(cfg: PretrainConfig, model, world_size: int, grad_accum: int, u
                                  use_gpu, precision)  # fmt: skip
     schedule = lr_factor_fn(cfg.optim, cfg.train.max_steps)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.param_groups(cfg.optim.weight_decay), config=ds_config,
+        model=model, model_parameters=optimizer_groups(cfg, model), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )  # fmt: skip
     return engine
@@ -60,9 +101,10 @@ def autocast(dtype: torch.dtype):
 
 
 def reference_output(encoder, batch: dict, dtype: torch.dtype, max_samples: int = 2) -> dict:
-    """A reference input (a few samples of a training batch, de-normalised to raw units with the corpus
-    statistics) and what `olmoearth.encode` gives for it with the in-training encoder. Saved with the final
-    checkpoint; `export` checks that the exported encoder reproduces it."""
+    """A reference input (a few samples of a training batch, de-normalised to raw units with the statistics
+    the encoder carries, those the stream normalised with) and what `olmoearth.encode` gives for it with the
+    in-training encoder. Saved with the final checkpoint; `export` checks that the exported encoder
+    reproduces it."""
     from olmoearth import encode
     from olmoearth.modalities import MODALITIES
 
