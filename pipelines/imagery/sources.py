@@ -14,6 +14,7 @@ blocks needed, with GDAL's block cache shared by neighbouring tiles.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from typing import Protocol
 
@@ -72,6 +73,12 @@ class Handles:
                 self._open.popitem(last=False)[1].close()
         self._open.move_to_end(uri)
         return ds
+
+    def drop(self, uri: str) -> None:
+        """Close and forget the handle of `uri` (after a failed read: the next try opens it afresh)."""
+        ds = self._open.pop(uri, None)
+        if ds is not None:
+            ds.close()
 
     def env_ctx(self):
         import rasterio
@@ -148,25 +155,75 @@ class GeoTiffSource:
     def _warp(self, uri: str, bounds: tuple, crs: str, dst_t, shape: tuple) -> np.ndarray | None:
         """The part of file `uri` inside `bounds` (of `crs`), warped onto the tile's pixels -> (bands, h, w),
         NaN where the file has no data; None when the file does not reach the tile (then it is not opened)."""
-        from rasterio.warp import Resampling, reproject, transform_bounds
+        from rasterio.warp import transform_bounds
 
         crs_wkt, fb = self.info[uri]
         want = transform_bounds(crs, crs_wkt, *bounds, densify_pts=21)
         if want[0] >= fb[2] or want[2] <= fb[0] or want[1] >= fb[3] or want[3] <= fb[1]:
             return None
-        ds = self.handles.get(uri)
-        win = source_window(ds, want)
-        if win is None:
-            return None
-        src = ds.read(window=win, boundless=False).astype(np.float32)
-        if ds.nodata is not None:
-            src[src == ds.nodata] = np.nan
-        src[src == MISSING_VALUE] = np.nan
-        part = np.full(shape, np.nan, dtype=np.float32)
-        reproject(src, part, src_transform=ds.window_transform(win), src_crs=ds.crs,
-                  dst_transform=dst_t, dst_crs=crs, resampling=Resampling.nearest,
-                  src_nodata=np.nan, dst_nodata=np.nan)  # fmt: skip
-        return part
+        return warp_window(self.handles.get(uri), want, crs, dst_t, shape)
+
+
+def warp_window(ds, src_bounds: tuple, crs: str, dst_t, shape: tuple, indexes: list[int] | None = None
+                ) -> np.ndarray | None:  # fmt: skip
+    """The window of open dataset `ds` covering `src_bounds` (in its CRS), warped (nearest neighbour) onto the
+    pixels `dst_t` of `crs` -> `shape` (bands, h, w) float32, NaN where it has no data (its nodata, the
+    original's MISSING_VALUE, outside it); None when the window is empty. `indexes`: bands to read (all)."""
+    from rasterio.warp import Resampling, reproject
+
+    offset = aligned_offset(ds, crs, dst_t)
+    if offset is not None:  # same CRS and pixel grid: nearest neighbour is a plain copy of the window
+        return _copy_window(ds, offset, shape, indexes)
+    win = source_window(ds, src_bounds)
+    if win is None:
+        return None
+    src = ds.read(indexes=indexes, window=win, boundless=False).astype(np.float32)
+    if ds.nodata is not None:
+        src[src == ds.nodata] = np.nan
+    src[src == MISSING_VALUE] = np.nan
+    part = np.full(shape, np.nan, dtype=np.float32)
+    reproject(src, part, src_transform=ds.window_transform(win), src_crs=ds.crs,
+              dst_transform=dst_t, dst_crs=crs, resampling=Resampling.nearest,
+              src_nodata=np.nan, dst_nodata=np.nan)  # fmt: skip
+    return part
+
+
+def aligned_offset(ds, crs: str, dst_t) -> tuple[int, int] | None:
+    """(col, row) of the target's top-left pixel in open dataset `ds` when both share CRS, pixel size and
+    pixel edges (no rotation); None otherwise."""
+    t = ds.transform
+    if t.b or t.d or dst_t.b or dst_t.d or abs(t.a - dst_t.a) > 1e-9 or abs(t.e - dst_t.e) > 1e-9:
+        return None
+    fx, fy = (dst_t.c - t.c) / t.a, (dst_t.f - t.f) / t.e
+    if abs(fx - round(fx)) > 1e-6 or abs(fy - round(fy)) > 1e-6 or ds.crs != as_crs(crs):
+        return None
+    return int(round(fx)), int(round(fy))
+
+
+@functools.lru_cache(maxsize=64)
+def as_crs(crs: str):
+    from rasterio.crs import CRS
+
+    return CRS.from_user_input(crs)
+
+
+def _copy_window(ds, offset: tuple[int, int], shape: tuple, indexes) -> np.ndarray | None:
+    """The target pixels (shape (bands, h, w)) that lie inside aligned dataset `ds`, read directly; NaN
+    elsewhere and at its nodata / MISSING_VALUE; None when none lie inside."""
+    from rasterio.windows import Window
+
+    col, row = offset
+    h, w = shape[1:]
+    c0, r0, c1, r1 = max(col, 0), max(row, 0), min(col + w, ds.width), min(row + h, ds.height)
+    if c0 >= c1 or r0 >= r1:
+        return None
+    src = ds.read(indexes=indexes, window=Window(c0, r0, c1 - c0, r1 - r0)).astype(np.float32)
+    if ds.nodata is not None:
+        src[src == ds.nodata] = np.nan
+    src[src == MISSING_VALUE] = np.nan
+    part = np.full(shape, np.nan, dtype=np.float32)
+    part[:, r0 - row : r1 - row, c0 - col : c1 - col] = src
+    return part
 
 
 def _check_file(modality: str, uri: str) -> tuple[int, tuple]:

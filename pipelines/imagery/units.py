@@ -75,3 +75,60 @@ def to_10m(arr: np.ndarray, resolution: float) -> np.ndarray:
         f = int(round(BASE_GSD / resolution))
         return arr[..., ::f, ::f]
     return arr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Radiometric harmonisation of delivered products (a STAC item's assets) onto the corpus's units
+# (docs/input_conventions.md, "Radiometry of STAC inputs", has each rule with its formula)
+
+S2_OFFSET_BASELINE = "04.00"  # Sentinel-2 L2A products of this processing baseline on carry BOA_ADD_OFFSET
+S2_BOA_ADD_OFFSET = -1000.0  # DN; reflectance = (DN + offset) / 10000
+S2_OFFSET_SINCE = "2022-01-25"  # first day of baseline 04.00 products, for items that do not say their baseline
+
+
+def s2_dn_offset(properties: dict, raster_bands: list | None = None) -> float:
+    """The DN offset to add to a Sentinel-2 L2A item's band so that its values are on the pre-2022 scale the
+    model was trained on (0 or -1000), from what the item records, in this order:
+    1. `earthsearch:boa_offset_applied: true`: the provider already applied it -> 0 (never twice);
+    2. the asset's `raster:bands` offset / scale (reflectance units): offset / scale DN (e.g. -0.1 / 1e-4);
+    3. `s2:processing_baseline` >= 04.00 -> -1000, below -> 0;
+    4. none of these: acquired on or after 2022-01-25 -> -1000 (the per-collection rule of sentinel-2-l2a)."""
+    if properties.get("earthsearch:boa_offset_applied") is True:
+        return 0.0
+    for rb in raster_bands or []:
+        if rb.get("offset") and rb.get("scale"):
+            return float(round(rb["offset"] / rb["scale"]))
+    baseline = properties.get("s2:processing_baseline")
+    if baseline:
+        return S2_BOA_ADD_OFFSET if _baseline_key(baseline) >= _baseline_key(S2_OFFSET_BASELINE) else 0.0
+    when = str(properties.get("datetime") or properties.get("start_datetime") or "")[:10]
+    return S2_BOA_ADD_OFFSET if when and when >= S2_OFFSET_SINCE else 0.0
+
+
+def _baseline_key(baseline: str) -> tuple[int, int]:
+    """"04.00" or "N0400" -> (4, 0)."""
+    s = str(baseline).strip().upper().lstrip("N")
+    major, minor = s.split(".")[:2] if "." in s else (s[:2], s[2:4] or "0")
+    return int(major), int(minor)
+
+
+def harmonise_s2(vals: np.ndarray, offset: float) -> np.ndarray:
+    """In place: float32 DN (NaN = nodata) + offset, floored at 0 (DN below -offset have no reflectance
+    left), as the pre-2022 products. offset 0 leaves the values untouched."""
+    if offset:
+        np.add(vals, np.float32(offset), out=vals)
+        np.maximum(vals, 0, out=vals)  # NaN stays NaN
+    return vals
+
+
+def s1_needs_db(raster_bands: list | None) -> bool:
+    """Whether a Sentinel-1 asset holds linear power (GRD / RTC as delivered: convert with `power_to_db`) or
+    says it is already in decibels (`raster:bands` unit "dB")."""
+    return not any(str(rb.get("unit", "")).lower() == "db" for rb in raster_bands or [])
+
+
+def landsat_level2(properties: dict, collection: str) -> bool:
+    """Whether a Landsat item is Collection 2 Level-2 (surface reflectance / temperature), which has no exact
+    way back to the Level-1 DNs the model was trained on."""
+    corr = str(properties.get("landsat:correction", "")).upper()
+    return corr.startswith("L2") or "-l2" in collection.lower()

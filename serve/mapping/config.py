@@ -24,6 +24,12 @@ class EmbedAreaConfig:
     time_start: str = ""  # ISO date; with time_end picks the corpus timesteps (<= 12 periods of 30 days)
     time_end: str = ""  # ISO date; one empty: 12 x 30 days from the other; both: the 12 x 30 days with most images
     months: list[int] = field(default_factory=list)  # GeoTIFF input: month (0-11) of each timestep (default 0..T-1)
+    # input: a STAC catalog, searched once per area, its COGs read by window (pipelines/imagery/stac.py)
+    stac: str = ""  # STAC API URL, or a static catalog / collection / ItemCollection JSON URI (local, s3://, http(s)://)
+    collections: dict = field(default_factory=dict)  # STAC input: {modality: collection id}, e.g. {sentinel2_l2a: sentinel-2-l2a}
+    assets: dict = field(default_factory=dict)  # STAC input: {modality: {band: asset key}} where the names differ from the defaults
+    composite: str = "first"  # STAC input: per month the first clear pixel by eo:cloud_cover (first) or the median
+    cloud_classes: dict = field(default_factory=dict)  # STAC input: {sentinel2_l2a: [SCL classes], landsat: [QA_PIXEL bits]} to drop; {}: defaults
     # model
     model_uri: str = "random:nano"  # encoder to load: exported encoder, checkpoint, v1 folder or random:<size>
     patch_size: int = 4  # px per token side, 1..8
@@ -52,8 +58,11 @@ def check_config(cfg: EmbedAreaConfig) -> None:
         raise ValueError(f"bbox: expected [minx, miny, maxx, maxy], got {cfg.bbox}")
     if not (cfg.bbox[0] < cfg.bbox[2] and cfg.bbox[1] < cfg.bbox[3]):
         raise ValueError(f"bbox: need minx < maxx and miny < maxy, got {cfg.bbox}")
-    if bool(cfg.source) == bool(cfg.geotiffs):
-        raise ValueError("give exactly one of source (raw corpus URI) or geotiffs ({modality: [URIs]})")
+    if sum(map(bool, (cfg.source, cfg.geotiffs, cfg.stac))) != 1:
+        raise ValueError("give exactly one of source (raw corpus URI), geotiffs ({modality: [URIs]}) or stac (a STAC "
+                         "API or catalog URI)")  # fmt: skip
+    if cfg.stac:
+        check_stac(cfg)
     if not cfg.out:
         raise ValueError("out: output folder URI required")
     if cfg.engine not in ("ray_data", "serve"):
@@ -67,3 +76,24 @@ def check_config(cfg: EmbedAreaConfig) -> None:
         raise ValueError(f"patch_size: 1..8, got {cfg.patch_size}")
     if cfg.block_tokens < 16 or cfg.block_tokens % 16:
         raise ValueError(f"block_tokens: a multiple of 16 (the GeoTIFF's and zarr's block), got {cfg.block_tokens}")
+
+
+def check_stac(cfg: EmbedAreaConfig) -> None:
+    """The STAC input's fields (part of `check_config`)."""
+    stac_modalities = ("sentinel2_l2a", "sentinel1", "landsat")
+    if not cfg.collections or not isinstance(cfg.collections, dict):
+        raise ValueError("collections: give {modality: collection id} with stac, e.g. {sentinel2_l2a: sentinel-2-l2a}")
+    for name, value in (("collections", cfg.collections), ("assets", cfg.assets), ("cloud_classes", cfg.cloud_classes)):
+        bad = sorted(set(value) - set(stac_modalities))
+        if bad:
+            raise ValueError(f"{name}: {bad} not among the modalities a STAC catalog feeds {list(stac_modalities)}")
+    if any(not isinstance(v, dict) for v in cfg.assets.values()):
+        raise ValueError(f"assets: {{modality: {{band: asset key}}}}, got {cfg.assets}")
+    for m, codes in cfg.cloud_classes.items():
+        if m == "sentinel1" or not isinstance(codes, list) or not all(isinstance(c, int) for c in codes):
+            raise ValueError(f"cloud_classes.{m}: a list of SCL classes (sentinel2_l2a) or QA_PIXEL bits (landsat), "
+                             f"got {codes!r}")  # fmt: skip
+    if cfg.composite not in ("first", "median"):
+        raise ValueError(f"composite: 'first' or 'median', got {cfg.composite!r}")
+    if not (cfg.time_start and cfg.time_end):
+        raise ValueError("time_start, time_end: both required with stac (the calendar months to composite, <= 12)")

@@ -12,9 +12,10 @@ from pipelines.common.storage import Storage, join
 from pipelines.corpus.source import CorpusSource
 from pipelines.imagery.grid import Grid, Tile, area_grid, make_tiles
 from pipelines.imagery.sources import GeoTiffSource, ImageSource
+from pipelines.imagery.stac import StacSource
 from serve.mapping.config import EmbedAreaConfig
 
-SOURCE_KINDS = {"geotiffs": GeoTiffSource, "corpus": CorpusSource}  # spec()["kind"] -> source class
+SOURCE_KINDS = {"geotiffs": GeoTiffSource, "corpus": CorpusSource, "stac": StacSource}  # spec()["kind"] -> source class
 
 
 def plan(cfg: EmbedAreaConfig) -> tuple[Grid, list[Tile]]:
@@ -28,6 +29,9 @@ def make_source(cfg: EmbedAreaConfig, storage: Storage, grid: Grid) -> ImageSour
     """The job's pixel source, on the driver: finds and checks the input files of the area."""
     if cfg.geotiffs:
         return GeoTiffSource(cfg.geotiffs, cfg.months or None, storage)
+    if cfg.stac:  # the item search, once for the whole area
+        return StacSource(cfg.stac, cfg.collections, storage, cfg.time_start, cfg.time_end, grid=grid,
+                          assets=cfg.assets, composite=cfg.composite, cloud_classes=cfg.cloud_classes)  # fmt: skip
     return CorpusSource(cfg.source, cfg.modalities, storage, cfg.time_start, cfg.time_end, grid=grid)
 
 
@@ -40,7 +44,9 @@ def job_signature(cfg: EmbedAreaConfig, grid: Grid) -> dict:
     """What makes tile results reusable by a rerun: same grid, tiles, model and inputs."""
     return {"grid": asdict(grid), "tile_size": cfg.tile_size, "overlap": cfg.overlap, "patch_size": cfg.patch_size,
             "model_uri": cfg.model_uri, "source": cfg.source, "geotiffs": cfg.geotiffs, "modalities": cfg.modalities,
-            "time": [cfg.time_start, cfg.time_end], "months": cfg.months}  # fmt: skip
+            "time": [cfg.time_start, cfg.time_end], "months": cfg.months,
+            # only with STAC input, so that the manifests of earlier jobs still match
+            **({"stac": [cfg.stac, cfg.collections, cfg.assets, cfg.composite, cfg.cloud_classes]} if cfg.stac else {})}  # fmt: skip
 
 
 def signature_hash(sig: dict) -> str:

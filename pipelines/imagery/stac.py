@@ -1,0 +1,394 @@
+"""A STAC catalog as an image source (`pipelines.imagery.sources.ImageSource`): the items of an area, searched
+once on the driver, read per tile as windows of their COGs, masked, harmonised and composited per month.
+
+    source = StacSource("https://earth-search.aws.element84.com/v1", {"sentinel2_l2a": "sentinel-2-l2a"},
+                        Storage(), "2024-04-01", "2024-09-30", grid=grid)
+    x = source.read(tile, grid)      # {modality: (size, size, T, C)} float32 model units, NaN = missing
+
+`stac` is a STAC API (searched with pystac-client: collections, the area's lon/lat box, the time range) or a
+static catalog / collection / ItemCollection JSON at any URI (local, s3://, http(s)://; walked with pystac and
+filtered the same way). Each item becomes a small record (`item_record`): its month on the job's timeline, its
+cloud cover, its footprint, the href of each registry band and of its cloud mask, and its radiometric rule
+(`pipelines.imagery.units`). The records are the source's spec: workers get the area's item list with the
+job and never search.
+
+A tile: per modality and month, the items whose footprint meets the tile, in order of `eo:cloud_cover`; per item
+each bandset warped (nearest) from the COG's window onto the tile at the bandset's stored resolution (10 / 20 /
+40 m, as the corpus) and repeated onto 10 m, its cloud mask warped at 10 m (`pipelines.imagery.composite`), the
+first clear value per pixel kept (or the median). Reads are ranged (GDAL, the blocks of the window only) and
+retried with backoff; a read that still fails fails the tile with the item, asset and error.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+import numpy as np
+
+from olmoearth.modalities import BASE_GSD, MODALITIES
+from pipelines.common.storage import Storage, is_s3
+from pipelines.imagery import units
+from pipelines.imagery.composite import MASK_KIND, Composite, clear_pixels
+from pipelines.imagery.grid import Grid, Tile, bbox_to_crs
+from pipelines.imagery.sources import Handles, as_crs, warp_window
+
+MAX_MONTHS = 12  # the model's timesteps
+RETRIES = 3  # attempts per asset read
+BACKOFF_S = 0.25  # first wait between attempts, doubled each time
+
+# registry band -> asset keys tried in order: Planetary Computer / Copernicus names, Earth Search names
+ASSET_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
+    "sentinel2_l2a": {"B01": ("B01", "coastal"), "B02": ("B02", "blue"), "B03": ("B03", "green"),
+                      "B04": ("B04", "red"), "B05": ("B05", "rededge1"), "B06": ("B06", "rededge2"),
+                      "B07": ("B07", "rededge3"), "B08": ("B08", "nir"), "B8A": ("B8A", "nir08"),
+                      "B09": ("B09", "nir09"), "B11": ("B11", "swir16"), "B12": ("B12", "swir22")},
+    "sentinel1": {"vv": ("vv", "VV"), "vh": ("vh", "VH")},
+    "landsat": {"B1": ("B1", "coastal"), "B2": ("B2", "blue"), "B3": ("B3", "green"), "B4": ("B4", "red"),
+                "B5": ("B5", "nir08"), "B6": ("B6", "swir16"), "B7": ("B7", "swir22"), "B8": ("B8", "pan"),
+                "B9": ("B9", "cirrus"), "B10": ("B10", "lwir11", "lwir"), "B11": ("B11", "lwir12")},
+}  # fmt: skip
+MASK_KEYS = {"sentinel2_l2a": ("SCL", "scl"), "landsat": ("qa_pixel", "QA_PIXEL")}  # cloud mask asset
+
+
+class StacReadError(RuntimeError):
+    """An asset that could not be read after every retry (names the item, asset and href)."""
+
+
+def month_timeline(time_start: str, time_end: str) -> tuple[tuple[int, int], np.ndarray]:
+    """((year, month) of the first, months (T,) 0 = January): the calendar months from time_start's to
+    time_end's, at most 12."""
+    if not (time_start and time_end):
+        raise ValueError("time_start and time_end: both required with stac (ISO dates; up to 12 months)")
+    a, b = dt.date.fromisoformat(time_start), dt.date.fromisoformat(time_end)
+    n = (b.year - a.year) * 12 + b.month - a.month + 1
+    if b < a or n > MAX_MONTHS:
+        raise ValueError(f"time range {time_start}..{time_end}: must span 1..{MAX_MONTHS} calendar months")
+    return (a.year, a.month), np.asarray([(a.month - 1 + k) % 12 for k in range(n)], dtype=np.int64)
+
+
+def item_month(when: str, first: tuple[int, int]) -> int:
+    """Index on the timeline of an item's acquisition time (ISO, UTC)."""
+    d = dt.datetime.fromisoformat(when.replace("Z", "+00:00"))
+    return (d.year - first[0]) * 12 + d.month - first[1]
+
+
+# ---- the catalog ------------------------------------------------------------------------------------------
+
+
+def _stac_io(storage: Storage):
+    """A pystac StacIO that reads s3:// through `storage` (any S3 server), local and http(s) as pystac does."""
+    from pystac.stac_io import DefaultStacIO
+
+    class StorageStacIO(DefaultStacIO):
+        def read_text_from_href(self, href: str) -> str:
+            return storage.read_text(href) if is_s3(href) else super().read_text_from_href(href)
+
+        def write_text_to_href(self, href: str, txt: str) -> None:
+            if is_s3(href):
+                storage.write_text(href, txt)
+            else:
+                super().write_text_to_href(href, txt)
+
+    return StorageStacIO()
+
+
+def read_root(url: str, storage: Storage) -> dict:
+    """The JSON at `url` (a STAC API landing page, a catalog, a collection or an ItemCollection)."""
+    import json
+
+    try:
+        return json.loads(_stac_io(storage).read_text_from_href(url))
+    except Exception as e:  # noqa: BLE001 - any failure to reach or parse it is the same user error
+        raise ValueError(f"stac {url}: cannot read the catalog: {type(e).__name__}: {e}") from None
+
+
+def is_api(root: dict) -> bool:
+    """A STAC API landing page: it conforms to item search or links a search endpoint."""
+    conforms = any("item-search" in c for c in root.get("conformsTo", []))
+    return conforms or any(link.get("rel") == "search" for link in root.get("links", []))
+
+
+def search(url: str, collection_ids: list[str], bbox: tuple, time_range: tuple[str, str],
+           storage: Storage) -> list[dict]:  # fmt: skip
+    """Item dicts of `collection_ids` meeting lon/lat `bbox` in [time_range]: one search of the API, or one
+    walk of the static catalog filtered the same way (asset hrefs made absolute)."""
+    root = read_root(url, storage)
+    when = f"{time_range[0]}T00:00:00Z/{time_range[1]}T23:59:59Z"
+    if is_api(root):
+        from pystac_client import Client
+
+        try:
+            client = Client.open(url, stac_io=None)
+            found = client.search(collections=collection_ids, bbox=list(bbox), datetime=when, max_items=None)
+            return list(found.items_as_dicts())
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"stac {url}: search failed: {type(e).__name__}: {e}") from None
+    return [d for d in _static_items(url, root, storage) if d.get("collection") in collection_ids
+            and _meets(d.get("bbox"), bbox) and _in_time(d.get("properties", {}), time_range)]  # fmt: skip
+
+
+def _static_items(url: str, root: dict, storage: Storage) -> list[dict]:
+    import pystac
+
+    io = _stac_io(storage)
+    if root.get("type") == "FeatureCollection":
+        coll = pystac.ItemCollection.from_dict(root, root=None, preserve_dict=True)
+        items = list(coll.items)
+        for it in items:
+            it.set_self_href(url)  # relative asset hrefs resolve against the ItemCollection's folder
+    else:
+        try:
+            obj = pystac.read_file(url, stac_io=io)
+            items = list(obj.get_items(recursive=True))
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"stac {url}: cannot walk the catalog: {type(e).__name__}: {e}") from None
+    out = []
+    for it in items:
+        if it.get_self_href():
+            it.make_asset_hrefs_absolute()
+        d = it.to_dict(include_self_link=False, transform_hrefs=False)
+        if not d.get("collection") and it.get_parent() is not None:
+            d["collection"] = it.get_parent().id
+        out.append(d)
+    return out
+
+
+def _meets(item_bbox, bbox) -> bool:
+    if not item_bbox:
+        return True  # no footprint given: the reads find out
+    b = item_bbox if len(item_bbox) == 4 else [item_bbox[0], item_bbox[1], item_bbox[3], item_bbox[4]]
+    return not (b[0] > bbox[2] or b[2] < bbox[0] or b[1] > bbox[3] or b[3] < bbox[1])
+
+
+def _in_time(props: dict, time_range: tuple[str, str]) -> bool:
+    start = str(props.get("datetime") or props.get("start_datetime") or "")[:10]
+    end = str(props.get("datetime") or props.get("end_datetime") or start)[:10]
+    return bool(start) and start <= time_range[1] and end >= time_range[0]
+
+
+# ---- items -> records ---------------------------------------------------------------------------------------
+
+
+def asset_keys(modality: str, overrides: dict | None) -> dict[str, tuple[str, ...]]:
+    """Registry band -> asset keys to try; `overrides` {band: key} (from the job's `assets`) comes first."""
+    keys = {b: ASSET_KEYS[modality][b] for b in MODALITIES[modality].bands}
+    for band, key in (overrides or {}).items():
+        if band not in keys and band != "mask":
+            raise ValueError(f"assets.{modality}: {band!r} is not a band of {modality} {list(keys)}")
+        keys[band] = (key,)
+    return keys
+
+
+def item_record(d: dict, modality: str, first: tuple[int, int], overrides: dict | None) -> dict:
+    """The small, picklable record of one item that the workers read from; a ValueError naming the item (and
+    collection) when it lacks a band, says a CRS that cannot be used, or holds the wrong product."""
+    props, assets = d.get("properties", {}), d.get("assets", {})
+    name = f"item {d.get('id')!r} of collection {d.get('collection')!r}"
+    keys = asset_keys(modality, overrides)
+    mask_keys = keys.pop("mask", None) or MASK_KEYS.get(modality, ())
+    hrefs, missing = {}, []
+    for band, cands in keys.items():
+        key = next((k for k in cands if k in assets), None)
+        if key is None:
+            missing.append(band)
+        else:
+            hrefs[band] = (key, assets[key]["href"])
+    if missing:
+        raise ValueError(f"stac: {name} has no asset for {modality} band(s) {missing} (its assets: "
+                         f"{sorted(assets)}); map them with assets: {{{modality}: {{band: asset key}}}}")  # fmt: skip
+    if modality == "landsat" and units.landsat_level2(props, str(d.get("collection", ""))):
+        raise ValueError(f"stac: {name} is Landsat Collection 2 Level-2 (surface reflectance); the model takes "
+                         "Level-1 DNs (docs/input_conventions.md): use a Level-1 collection")  # fmt: skip
+    _check_crs(props, name)
+    mask_key = next((k for k in mask_keys if k in assets), None)
+    when = props.get("datetime") or props.get("start_datetime")
+    first_band = assets[hrefs[MODALITIES[modality].bands[0]][0]]
+    rec = {"id": d.get("id"), "collection": d.get("collection"), "modality": modality, "datetime": when,
+           "k": item_month(when, first), "cloud": float(props.get("eo:cloud_cover", 0.0) or 0.0),
+           "bbox": d.get("bbox"), "assets": hrefs,
+           "mask": (mask_key, assets[mask_key]["href"]) if mask_key else None, "offset": 0.0, "db": False}  # fmt: skip
+    if modality == "sentinel2_l2a":
+        rec["offset"] = units.s2_dn_offset(props, first_band.get("raster:bands"))
+    elif modality == "sentinel1":
+        rec["db"] = units.s1_needs_db(first_band.get("raster:bands"))
+    return rec
+
+
+def _check_crs(props: dict, name: str) -> None:
+    """An item's projection (`proj:epsg` / `proj:code` / `proj:wkt2`), if it says one, must be a projected CRS
+    the area grid can be warped from."""
+    from rasterio.crs import CRS
+
+    given = props.get("proj:code") or (f"EPSG:{props['proj:epsg']}" if props.get("proj:epsg") else None)
+    given = given or props.get("proj:wkt2")
+    if not given:
+        return  # the COG's own CRS is used (and checked on read)
+    try:
+        crs = CRS.from_user_input(given)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"stac: {name} has a CRS the grid cannot use ({given!r}): {e}") from None
+    if not crs.is_projected:
+        raise ValueError(f"stac: {name} has a CRS the grid cannot use ({given!r}): not a projected CRS")
+
+
+def find_items(url: str, collections: dict[str, str], grid: Grid, time_start: str, time_end: str,
+               storage: Storage, assets: dict | None = None) -> list[dict]:  # fmt: skip
+    """The records of every item of the job's modalities meeting the area and time range, searched once."""
+    first, months = month_timeline(time_start, time_end)
+    bbox = bbox_to_crs(grid_bounds(grid), grid.crs, "EPSG:4326")
+    by_coll: dict[str, list[str]] = {}
+    for m, coll in collections.items():
+        by_coll.setdefault(coll, []).append(m)
+    records = []
+    for d in search(url, sorted(by_coll), bbox, (time_start, time_end), storage):
+        for m in by_coll.get(d.get("collection"), []):
+            rec = item_record(d, m, first, (assets or {}).get(m))
+            if 0 <= rec["k"] < len(months):
+                records.append(rec)
+    if not records:
+        raise ValueError(f"stac {url}: no item of collection(s) {sorted(by_coll)} meets the area "
+                         f"(lon/lat {tuple(round(v, 4) for v in bbox)}) in {time_start}..{time_end}")  # fmt: skip
+    return sorted(records, key=lambda r: (r["modality"], r["k"], r["cloud"], str(r["id"])))
+
+
+def grid_bounds(grid: Grid) -> tuple[float, float, float, float]:
+    r = grid.resolution
+    return grid.x0, grid.y0 - grid.height * r, grid.x0 + grid.width * r, grid.y0
+
+
+# ---- the source ---------------------------------------------------------------------------------------------
+
+
+class StacSource:
+    def __init__(self, stac: str, collections: dict[str, str], storage: Storage, time_start: str, time_end: str,
+                 grid: Grid | None = None, assets: dict | None = None, composite: str = "first",
+                 cloud_classes: dict | None = None, _items: list | None = None):  # fmt: skip
+        """`grid`: search the area's items (driver); `_items`: the records the driver found (workers)."""
+        if not collections:
+            raise ValueError("collections: give {modality: collection id}, e.g. {sentinel2_l2a: sentinel-2-l2a}")
+        for m in collections:
+            if m not in ASSET_KEYS:
+                raise ValueError(f"collections: {m!r} is not an encoder modality ({', '.join(ASSET_KEYS)})")
+        for m, codes in (cloud_classes or {}).items():
+            if m not in MASK_KIND or not isinstance(codes, list):
+                raise ValueError(f"cloud_classes: {{modality: [codes]}} for {sorted(MASK_KIND)}, got {m!r}: {codes!r}")
+        Composite(composite, (1, 1, 1))  # checks the method's name
+        self.url, self.collections, self.storage = stac, dict(collections), storage
+        self.time, self.assets, self.method = (time_start, time_end), dict(assets or {}), composite
+        self.cloud_classes = dict(cloud_classes or {})
+        self.first, self.months = month_timeline(time_start, time_end)
+        if _items is None:
+            if grid is None:
+                raise ValueError("StacSource: give the area's grid (driver) or the item records (worker)")
+            _items = find_items(stac, self.collections, grid, time_start, time_end, storage, self.assets)
+        self.items = _items
+        self.handles = Handles(storage)
+        self._empty: dict[str, str] = {}  # tile id -> why it came out empty (`explain_empty`)
+        self._footprints: dict[tuple, tuple] = {}  # item -> its bbox in the grid's CRS
+
+    @classmethod
+    def from_spec(cls, spec: dict, storage: Storage) -> StacSource:
+        return cls(spec["stac"], spec["collections"], storage, *spec["time"], assets=spec["assets"],
+                   composite=spec["composite"], cloud_classes=spec["cloud_classes"], _items=spec["items"])  # fmt: skip
+
+    def spec(self) -> dict:
+        return {"kind": "stac", "stac": self.url, "collections": self.collections, "time": list(self.time),
+                "assets": self.assets, "composite": self.method, "cloud_classes": self.cloud_classes,
+                "items": self.items}  # fmt: skip
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.collections)
+
+    def read(self, tile: Tile, grid: Grid) -> dict[str, np.ndarray]:
+        bounds = tile.bounds(grid)
+        out, notes = {}, []
+        with self.handles.env_ctx():
+            for m in self.collections:
+                c = MODALITIES[m].num_bands
+                out[m] = np.full((tile.size, tile.size, len(self.months), c), np.nan, np.float32)
+                mine = [r for r in self.items if r["modality"] == m and self._meets_tile(r, grid, bounds)]
+                for k in range(len(self.months)):
+                    scenes = [r for r in mine if r["k"] == k]  # already in order of cloud cover
+                    comp = Composite(self.method, (tile.size, tile.size, c))
+                    for rec in scenes:
+                        self._add_scene(comp, rec, tile, grid, bounds)
+                        if comp.full:
+                            break
+                    out[m][:, :, k] = comp.result()
+                notes.append(f"{m}: {len(mine)} scene(s) meet the tile" + (", none of their pixels clear or with "
+                             "data (cloud, shadow or nodata)" if mine else ""))  # fmt: skip
+        if not any(np.isfinite(a).any() for a in out.values()):
+            self._empty[tile.id] = "; ".join(notes)
+        return out
+
+    def _meets_tile(self, rec: dict, grid: Grid, bounds: tuple) -> bool:
+        """Whether the item's footprint (its lon/lat bbox, taken into the grid's CRS once) meets the tile."""
+        if not rec["bbox"]:
+            return True
+        key = (rec["id"], rec["collection"], grid.crs)
+        fp = self._footprints.get(key)
+        if fp is None:
+            b = rec["bbox"] if len(rec["bbox"]) == 4 else [rec["bbox"][i] for i in (0, 1, 3, 4)]
+            fp = self._footprints[key] = bbox_to_crs(tuple(b), "EPSG:4326", grid.crs)
+        return not (fp[0] >= bounds[2] or fp[2] <= bounds[0] or fp[1] >= bounds[3] or fp[3] <= bounds[1])
+
+    def explain_empty(self, tile: Tile) -> str | None:
+        """Why the last read of `tile` had no data at all (which scenes met it), if it had none."""
+        return self._empty.get(tile.id)
+
+    def _add_scene(self, comp: Composite, rec: dict, tile: Tile, grid: Grid, bounds: tuple) -> None:
+        """One item's pixels of the tile in model units, masked, added to the month's composite."""
+        m = rec["modality"]
+        parts = []
+        for bs in MODALITIES[m].bandsets:
+            parts.append(np.stack([self._band(rec, b, bs.resolution, tile, grid, bounds) for b in bs.bands], -1))
+        pixels = np.concatenate(parts, -1)  # (size, size, C), registry band order
+        if m == "sentinel2_l2a":
+            units.harmonise_s2(pixels, rec["offset"])
+        elif m == "sentinel1" and rec["db"]:
+            units.power_to_db(pixels)
+        clear = None
+        if rec["mask"] is not None:
+            key, href = rec["mask"]
+            mask = self._warp(rec, key, href, BASE_GSD, tile, grid, bounds)[0]
+            clear = clear_pixels(m, mask, self.cloud_classes.get(m))
+        comp.add(pixels, clear)
+
+    def _band(self, rec: dict, band: str, res: float, tile: Tile, grid: Grid, bounds: tuple) -> np.ndarray:
+        """One band on the tile's 10 m pixels, warped at its stored resolution `res` and repeated onto 10 m;
+        float32 with the modality's nodata as NaN."""
+        key, href = rec["assets"][band]
+        vals = self._warp(rec, key, href, res, tile, grid, bounds)[0]
+        raw_nodata = units.RAW_FORMAT[rec["modality"]][1]
+        if raw_nodata is not None:
+            vals[vals == raw_nodata] = np.nan
+        return units.to_10m(vals, res)[: tile.size, : tile.size]
+
+    def _warp(self, rec: dict, key: str, href: str, res: float, tile: Tile, grid: Grid, bounds: tuple) -> np.ndarray:
+        """Asset `key` of `rec` warped (nearest) onto a grid of `res` metres from the tile's top-left corner
+        covering the tile -> (bands, n, n) float32, NaN outside the asset or at its nodata; retried."""
+        from affine import Affine
+        from rasterio.warp import transform_bounds
+
+        n = int(np.ceil(tile.size * grid.resolution / res))
+        dst_t = Affine(res, 0, bounds[0], 0, -res, bounds[3])
+        cover = (bounds[0], bounds[3] - n * res, bounds[0] + n * res, bounds[3])
+        for attempt in range(RETRIES):
+            try:
+                ds = self.handles.get(href)
+                if ds.crs is None or not ds.crs.is_projected:
+                    raise ValueError(f"its CRS ({ds.crs}) is not a projected CRS the grid can use")
+                want = cover if ds.crs == as_crs(grid.crs) else transform_bounds(grid.crs, ds.crs, *cover,
+                                                                                densify_pts=21)  # fmt: skip
+                part = warp_window(ds, want, grid.crs, dst_t, (1, n, n), indexes=[1])
+                return part if part is not None else np.full((1, n, n), np.nan, np.float32)
+            except ValueError as e:  # a property of the file: no retry helps
+                raise StacReadError(f"item {rec['id']!r} asset {key!r} ({href}): {e}") from None
+            except Exception as e:  # noqa: BLE001 - I/O and decoding errors: retried, then reported
+                self.handles.drop(href)
+                if attempt == RETRIES - 1:
+                    raise StacReadError(f"item {rec['id']!r} asset {key!r} ({href}): {type(e).__name__}: {e}") from None
+                time.sleep(BACKOFF_S * 2**attempt)
+        raise AssertionError("unreachable")

