@@ -22,6 +22,7 @@ import numpy as np
 
 from olmoearth.modalities import MISSING_VALUE, MODALITIES
 from pipelines.common.storage import Storage
+from pipelines.imagery.geotiff import DRIVER, SAFE_ENV
 from pipelines.imagery.grid import Grid, Tile
 
 
@@ -58,7 +59,7 @@ class Handles:
     file and worker instead of one per tile."""
 
     def __init__(self, storage: Storage, size: int = 64):
-        self.env, self.size = gdal_env(storage), size
+        self.env, self.size = {**SAFE_ENV, **gdal_env(storage)}, size
         self._open: OrderedDict = OrderedDict()
 
     def get(self, uri: str):
@@ -67,7 +68,7 @@ class Handles:
         ds = self._open.get(uri)
         if ds is None:
             with rasterio.Env(**self.env):
-                ds = rasterio.open(uri)
+                ds = rasterio.open(uri, driver=DRIVER)  # GeoTIFF/COG only, as every reader of ours
             self._open[uri] = ds
             while len(self._open) > self.size:
                 self._open.popitem(last=False)[1].close()
@@ -232,7 +233,7 @@ def _check_file(modality: str, uri: str) -> tuple[int, tuple]:
 
     c = MODALITIES[modality].num_bands
     try:
-        with rasterio.open(uri) as ds:
+        with rasterio.Env(**SAFE_ENV), rasterio.open(uri, driver=DRIVER) as ds:
             n, crs, bounds = ds.count, ds.crs, tuple(ds.bounds)
     except Exception as e:
         raise ValueError(f"geotiffs.{modality}: cannot open {uri}: {e}") from None
