@@ -1,5 +1,5 @@
 """Soak of the Serve endpoint: many concurrent clients for a bounded time, good requests mixed with every
-hostile input of the endpoint's hardening (bench/hostile.py), all on 127.0.0.1; stops by itself.
+hostile input of the endpoint's hardening (bench/lib/hostile.py), all on 127.0.0.1; stops by itself.
 
 Reports, per hostile kind, the outcomes seen (HTTP status, or what the connection did); for the good
 requests their count, errors (target 0), p50 / p99 latency; and the replica's resident memory over time,
@@ -108,7 +108,7 @@ class Soak:
 
 def good_body(rng: np.random.Generator, j: int) -> tuple[str, str, bytes]:
     """(Content-Type, query, body) of a valid request: .npz of 32 or 64 px, or a multipart GeoTIFF."""
-    from bench.hostile import good_npz
+    from bench.lib.hostile import good_npz
 
     if j < 3:
         return "application/x-npz", "patch_size=4", good_npz(rng, size=(32, 64, 32)[j], t=2)
@@ -198,7 +198,7 @@ def rss_report(soak: Soak) -> int:
 def run(args) -> int:
     from ray import serve
 
-    from bench.hostile import make_kinds
+    from bench.lib.hostile import make_kinds
     from pipelines.common.local_s3 import free_port
     from pipelines.common.ray_start import init_ray
     from serve.app import ServeConfig
