@@ -65,3 +65,14 @@ def ray_cluster(s3_server):
     init_ray(num_cpus=8, address="local", log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small matrices on a shared 2-core machine: one intra-op thread avoids oversubscription stalls."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

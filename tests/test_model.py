@@ -14,13 +14,7 @@ EXPECTED = {"nano": (1.4, 0.8), "tiny": (6.2, 1.9), "base": (89, 30), "large": (
 TINY = dict(encoder_dim=32, encoder_depth=2, encoder_heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matrices on a shared 2-core machine: one intra-op thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def count(m):
