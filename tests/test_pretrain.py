@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 
 import numpy as np
 import pytest
@@ -178,17 +177,9 @@ def test_checkpoints_listed_by_step_across_trials_and_pruned(s3_server, s3_bucke
 @pytest.fixture(scope="module")
 def corpus(s3_server, ray_cluster):
     """6 synthetic cells (24 training samples, 3 timesteps) built into shards in a bucket of its own."""
-    from pipelines.common.storage import Storage, join
-    from pipelines.corpus.build import BuildConfig, build_corpus
-    from pipelines.corpus.synth import SynthConfig, write_corpus
+    from corpora import synthetic_shards
 
-    storage = Storage()
-    bucket = f"s3://pretrain-{uuid.uuid4().hex[:8]}"
-    storage.makedirs(bucket)
-    write_corpus(SynthConfig(num_samples=6, seed=5, timesteps=3), join(bucket, "raw"), storage)
-    build_corpus(BuildConfig(raw_uri=join(bucket, "raw"), out_uri=join(bucket, "shards"), samples_per_shard=4),
-                 storage)  # fmt: skip
-    return storage, bucket, join(bucket, "shards")
+    return synthetic_shards("pretrain", num_samples=6, seed=5, timesteps=3, samples_per_shard=4)
 
 
 LR = 3e-4

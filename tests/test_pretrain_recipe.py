@@ -9,7 +9,6 @@ import json
 import math
 import os
 import pickle
-import uuid
 
 import numpy as np
 import pytest
@@ -153,17 +152,9 @@ def test_init_from_a_wrong_size_names_the_tensor_and_both_shapes(tmp_path):
 @pytest.fixture(scope="module")
 def corpus(s3_server, ray_cluster):
     """2 synthetic cells (8 training samples, 3 timesteps) built into shards."""
-    from pipelines.common.storage import join
-    from pipelines.corpus.build import BuildConfig, build_corpus
-    from pipelines.corpus.synth import SynthConfig, write_corpus
+    from corpora import synthetic_shards
 
-    storage = Storage()
-    bucket = f"s3://recipe-{uuid.uuid4().hex[:8]}"
-    storage.makedirs(bucket)
-    write_corpus(SynthConfig(num_samples=2, seed=11, timesteps=3), join(bucket, "raw"), storage)
-    build_corpus(BuildConfig(raw_uri=join(bucket, "raw"), out_uri=join(bucket, "shards"), samples_per_shard=2),
-                 storage)  # fmt: skip
-    return storage, bucket, join(bucket, "shards")
+    return synthetic_shards("recipe", num_samples=2, seed=11, timesteps=3, samples_per_shard=2)
 
 
 def first_batch(shards: str, storage: Storage, choice: str) -> dict:

@@ -146,23 +146,16 @@ def test_a_run_logs_validation_from_step_0_and_scores_the_same_batches_after_a_r
     """A real run (2 CPU workers, ZeRO-2) with the learning rate at 0, so the weights never change: the
     validation loss must then be the same at every evaluation, before and after the worker group was
     restarted from a checkpoint (new processes that rebuilt the validation set)."""
-    import uuid
+    from corpora import synthetic_shards
 
     from pipelines.common.config import from_dict
     from pipelines.common.faults import FAULTS_ENV
-    from pipelines.common.storage import Storage, join
-    from pipelines.corpus.build import BuildConfig, build_corpus
-    from pipelines.corpus.synth import SynthConfig, write_corpus
+    from pipelines.common.storage import join
     from pipelines.pretrain.config import PretrainConfig, run_uri
     from pipelines.pretrain.job import fit
 
     os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
-    storage = Storage()
-    bucket = f"s3://val-{uuid.uuid4().hex[:8]}"
-    storage.makedirs(bucket)
-    write_corpus(SynthConfig(num_samples=6, seed=7, timesteps=2), join(bucket, "raw"), storage)
-    build_corpus(BuildConfig(raw_uri=join(bucket, "raw"), out_uri=join(bucket, "shards"), samples_per_shard=2),
-                 storage)  # fmt: skip
+    storage, bucket, _ = synthetic_shards("val", num_samples=6, seed=7, timesteps=2, samples_per_shard=2)
     cfg = from_dict(PretrainConfig, {
         "model": {"size": "nano"},
         "data": {"shards_uri": join(bucket, "shards"), "batch_size": 2, "min_patch_size": 2, "max_patch_size": 4,
