@@ -98,7 +98,7 @@ def test_area_job_covers_blends_matches_encode_and_resumes(area, ray_cluster, tm
     # the failed tile's own part of the map is nodata, not zeros
     local = tmp_path / "run1"
     storage.fs(out).get(out + "/embeddings.zarr/", str(local / "embeddings.zarr"), recursive=True)
-    z1 = xr.open_zarr(local / "embeddings.zarr")["embedding"].values  # (D, h, w)
+    z1 = xr.open_zarr(local / "embeddings.zarr", group="utm18")["embedding"].values  # (D, h, w)
     ty, tx = starts(grid["height"], 128, 112)[2] // 8, starts(grid["width"], 128, 112)[3] // 8
     assert np.isnan(z1[:, ty + 5 : ty + 11, tx + 5 : tx + 11]).all()
 
@@ -110,7 +110,7 @@ def test_area_job_covers_blends_matches_encode_and_resumes(area, ray_cluster, tm
 
     local = tmp_path / "run2"
     storage.fs(out).get(out + "/", str(local), recursive=True)
-    ds = xr.open_zarr(local / "embeddings.zarr")
+    ds = xr.open_zarr(local / "embeddings.zarr", group="utm18")  # one group per UTM zone (geoemb: convention)
     emb = ds["embedding"].values  # int8 decoded by CF scale_factor / _FillValue -> float
     assert emb.dtype.kind == "f" and emb.shape == (128, grid["height"] // 8, grid["width"] // 8)
     cog = rioxarray.open_rasterio(local / "embeddings.tif")
@@ -120,6 +120,7 @@ def test_area_job_covers_blends_matches_encode_and_resumes(area, ray_cluster, tm
     assert ds.rio.crs.to_epsg() == 32618
     assert ds["spatial_ref"].attrs["crs_wkt"] and float(ds["x"][1] - ds["x"][0]) == 80.0
     assert (local / "preview.png").stat().st_size > 1000
+    check_geoemb_zarr(local / "embeddings.zarr", ds, grid)
 
     # int8 quantisation stays within half a step of the float result (away from the failed tile, whose
     # overlaps blended differently in run 1)
@@ -188,3 +189,39 @@ def test_embed_cli_from_geotiffs_exits_1_on_a_failed_tile_then_0_on_rerun(ray_cl
     with rasterio.open(tmp_path / "out" / "embeddings.tif") as ds:
         assert ds.crs.to_epsg() == 32618 and (ds.width, ds.height, ds.count) == (24, 24, 128)
         assert np.isfinite(ds.read()).all()
+
+
+def check_geoemb_zarr(path, ds, grid) -> None:
+    """The geo-embeddings Zarr convention on an int8 map: root attrs, the zone group's proj: / spatial:, and
+    nodata stored as -128, apart from every data value (-127..127)."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    attrs = dict(root.attrs)
+    assert attrs["olmoearth:groups"] == ["utm18"] and list(root.group_keys()) == ["utm18"]
+    assert {c["name"] for c in attrs["zarr_conventions"]} == {"geoemb:", "proj:", "spatial:"}
+    assert attrs["geoemb:type"] == "pixel" and attrs["geoemb:dimensions"] == 128 and attrs["geoemb:gsd"] == 80.0
+    assert attrs["geoemb:model"] == "random:nano:7" and attrs["geoemb:data_type"] == "int8"
+    assert attrs["geoemb:source_data"] and attrs["geoemb:spatial_layout"] == "utm_zones"
+    q = attrs["geoemb:quantization"]
+    assert q["method"] == "linear" and q["scale"]["type"] == "scalar"
+    assert q["scale"]["scale"] == float(ds["embedding"].encoding["scale_factor"])
+    zone = dict(root["utm18"].attrs)
+    assert zone["proj:code"] == "EPSG:32618" and zone["spatial:shape"] == [grid["height"] // 8, grid["width"] // 8]
+    assert zone["spatial:transform"] == [80.0, 0.0, grid["x0"], 0.0, -80.0, grid["y0"]]
+    raw = root["utm18/embedding"][:]
+    decoded = ds["embedding"].values
+    assert raw.dtype == np.int8 and (raw == -128).any()
+    np.testing.assert_array_equal(raw == -128, np.isnan(decoded))  # nodata is -128, and only nodata
+    assert raw[raw != -128].min() >= -127
+    np.testing.assert_allclose(decoded[raw != -128], raw[raw != -128] * q["scale"]["scale"], rtol=1e-6)
+
+
+def test_zarr_zone_group_names():
+    """The convention's `utm{NN}` group names; a southern zone and other CRSs stay apart."""
+    from serve.mapping.mosaic import zone_group_name
+
+    assert zone_group_name("EPSG:32618") == "utm18" and zone_group_name("EPSG:32601") == "utm01"
+    assert zone_group_name("EPSG:32733") == "utm33s" and zone_group_name("EPSG:3857") == "epsg3857"
+    with pytest.raises(ValueError, match="needs a CRS with an EPSG code"):
+        zone_group_name('LOCAL_CS["arbitrary",UNIT["metre",1]]')

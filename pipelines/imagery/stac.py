@@ -8,9 +8,11 @@ once on the driver, read per tile as windows of their COGs, masked, harmonised a
 `stac` is a STAC API (searched with pystac-client: collections, the area's lon/lat box, the time range) or a
 static catalog / collection / ItemCollection JSON at any URI (local, s3://, http(s)://; walked with pystac and
 filtered the same way). Each item becomes a small record (`item_record`): its month on the job's timeline, its
-cloud cover, its footprint, the href of each registry band and of its cloud mask, and its radiometric rule
-(`pipelines.imagery.units`). The records are the source's spec: workers get the area's item list with the
-job and never search.
+cloud cover, its footprint, its own href, the href of each registry band and of its cloud mask, and its
+radiometric rule (`pipelines.imagery.units`). The records are the source's spec: workers never search. An area
+job partitions them (`spec(tiles, grid)`): each block of GROUP_TILES x GROUP_TILES tiles gets the records
+meeting it, put once in the Ray object store, and a worker fetches only the blocks of the tiles it reads, so a
+10,000-item area does not ship 10,000 records to every actor.
 
 A tile: per modality and month, the items whose footprint meets the tile, in order of `eo:cloud_cover`; per item
 each bandset warped (nearest) from the COG's window onto the tile at the bandset's stored resolution (10 / 20 /
@@ -34,6 +36,7 @@ from pipelines.imagery.grid import Grid, Tile, bbox_to_crs
 from pipelines.imagery.sources import Handles, as_crs, warp_window
 
 MAX_MONTHS = 12  # the model's timesteps
+GROUP_TILES = 8  # the item list travels to the workers in groups of GROUP_TILES x GROUP_TILES tiles
 RETRIES = 3  # attempts per asset read
 BACKOFF_S = 0.25  # first wait between attempts, doubled each time
 
@@ -147,7 +150,7 @@ def _static_items(url: str, root: dict, storage: Storage) -> list[dict]:
     for it in items:
         if it.get_self_href():
             it.make_asset_hrefs_absolute()
-        d = it.to_dict(include_self_link=False, transform_hrefs=False)
+        d = it.to_dict(include_self_link=True, transform_hrefs=False)  # its self href: the output's derived_from
         if not d.get("collection") and it.get_parent() is not None:
             d["collection"] = it.get_parent().id
         out.append(d)
@@ -204,7 +207,8 @@ def item_record(d: dict, modality: str, first: tuple[int, int], overrides: dict 
     mask_key = next((k for k in mask_keys if k in assets), None)
     when = props.get("datetime") or props.get("start_datetime")
     first_band = assets[hrefs[MODALITIES[modality].bands[0]][0]]
-    rec = {"id": d.get("id"), "collection": d.get("collection"), "modality": modality, "datetime": when,
+    self_href = next((link.get("href") for link in d.get("links", []) if link.get("rel") == "self"), None)
+    rec = {"id": d.get("id"), "collection": d.get("collection"), "href": self_href, "modality": modality, "datetime": when,
            "k": item_month(when, first), "cloud": float(props.get("eo:cloud_cover", 0.0) or 0.0),
            "bbox": d.get("bbox"), "assets": hrefs,
            "mask": (mask_key, assets[mask_key]["href"]) if mask_key else None, "offset": 0.0, "db": False}  # fmt: skip
@@ -233,7 +237,7 @@ def _check_crs(props: dict, name: str) -> None:
 
 
 def find_items(url: str, collections: dict[str, str], grid: Grid, time_start: str, time_end: str,
-               storage: Storage, assets: dict | None = None) -> list[dict]:  # fmt: skip
+               storage: Storage, assets: dict | None = None, sign: str = "") -> list[dict]:  # fmt: skip
     """The records of every item of the job's modalities meeting the area and time range, searched once."""
     first, months = month_timeline(time_start, time_end)
     bbox = bbox_to_crs(grid_bounds(grid), grid.crs, "EPSG:4326")
@@ -241,7 +245,11 @@ def find_items(url: str, collections: dict[str, str], grid: Grid, time_start: st
     for m, coll in collections.items():
         by_coll.setdefault(coll, []).append(m)
     records = []
+    signer = href_signer(sign)
     for d in search(url, sorted(by_coll), bbox, (time_start, time_end), storage):
+        for a in d.get("assets", {}).values():
+            if signer is not None and a.get("href"):
+                a["href"] = signer(a["href"])
         for m in by_coll.get(d.get("collection"), []):
             rec = item_record(d, m, first, (assets or {}).get(m))
             if 0 <= rec["k"] < len(months):
@@ -250,6 +258,28 @@ def find_items(url: str, collections: dict[str, str], grid: Grid, time_start: st
         raise ValueError(f"stac {url}: no item of collection(s) {sorted(by_coll)} meets the area "
                          f"(lon/lat {tuple(round(v, 4) for v in bbox)}) in {time_start}..{time_end}")  # fmt: skip
     return sorted(records, key=lambda r: (r["modality"], r["k"], r["cloud"], str(r["id"])))
+
+
+def group_key(tile: Tile, n: int | None = None) -> str:
+    """The item group of a tile (partitioned specs): tiles in blocks of n x n (default GROUP_TILES)."""
+    n = n or GROUP_TILES
+    return f"{tile.row // n}_{tile.col // n}"
+
+
+def href_signer(sign: str):
+    """None (no signing) or a function href -> signed href. planetary_computer: the `planetary-computer`
+    package appends a SAS token to each Azure Blob href, fetched once per storage container; tokens expire
+    after about an hour, so a longer job signs again by being rerun (finished tiles are kept)."""
+    if not sign:
+        return None
+    if sign != "planetary_computer":
+        raise ValueError(f"sign: '' or 'planetary_computer', got {sign!r}")
+    try:
+        import planetary_computer
+    except ImportError:
+        raise ValueError("sign: planetary_computer needs the planetary-computer package (pip install "
+                         "planetary-computer), which this project does not install") from None  # fmt: skip
+    return planetary_computer.sign
 
 
 def grid_bounds(grid: Grid) -> tuple[float, float, float, float]:
@@ -263,7 +293,7 @@ def grid_bounds(grid: Grid) -> tuple[float, float, float, float]:
 class StacSource:
     def __init__(self, stac: str, collections: dict[str, str], storage: Storage, time_start: str, time_end: str,
                  grid: Grid | None = None, assets: dict | None = None, composite: str = "first",
-                 cloud_classes: dict | None = None, _items: list | None = None):  # fmt: skip
+                 cloud_classes: dict | None = None, _items: list | None = None, sign: str = ""):  # fmt: skip
         """`grid`: search the area's items (driver); `_items`: the records the driver found (workers)."""
         if not collections:
             raise ValueError("collections: give {modality: collection id}, e.g. {sentinel2_l2a: sentinel-2-l2a}")
@@ -281,21 +311,57 @@ class StacSource:
         if _items is None:
             if grid is None:
                 raise ValueError("StacSource: give the area's grid (driver) or the item records (worker)")
-            _items = find_items(stac, self.collections, grid, time_start, time_end, storage, self.assets)
+            _items = find_items(stac, self.collections, grid, time_start, time_end, storage, self.assets, sign)
         self.items = _items
         self.handles = Handles(storage)
         self._empty: dict[str, str] = {}  # tile id -> why it came out empty (`explain_empty`)
         self._footprints: dict[tuple, tuple] = {}  # item -> its bbox in the grid's CRS
+        self._gaps: dict[str, list[str]] = {}  # tile id -> its months with scenes but no clear pixel
+        self._groups: dict | None = None  # worker of a partitioned spec: {group key: ObjectRef of its records}
+        self._group_items: dict[str, list[dict]] = {}
+        self._group_tiles: int | None = None  # the driver's GROUP_TILES
 
     @classmethod
     def from_spec(cls, spec: dict, storage: Storage) -> StacSource:
-        return cls(spec["stac"], spec["collections"], storage, *spec["time"], assets=spec["assets"],
-                   composite=spec["composite"], cloud_classes=spec["cloud_classes"], _items=spec["items"])  # fmt: skip
+        src = cls(spec["stac"], spec["collections"], storage, *spec["time"], assets=spec["assets"],
+                  composite=spec["composite"], cloud_classes=spec["cloud_classes"], _items=spec["items"] or [])  # fmt: skip
+        src._groups, src._group_tiles = spec.get("item_groups"), spec.get("group_tiles")
+        return src
 
-    def spec(self) -> dict:
-        return {"kind": "stac", "stac": self.url, "collections": self.collections, "time": list(self.time),
+    def spec(self, tiles: list[Tile] | None = None, grid: Grid | None = None) -> dict:
+        """What a worker rebuilds the source from. With the job's tiles and grid (on a Ray driver) the item
+        list is partitioned: each group of GROUP_TILES x GROUP_TILES tiles gets only the items meeting the box
+        of its tiles, put in the Ray object store once, and a worker fetches the groups of the tiles it reads;
+        without them the spec holds every item."""
+        spec = {"kind": "stac", "stac": self.url, "collections": self.collections, "time": list(self.time),
                 "assets": self.assets, "composite": self.method, "cloud_classes": self.cloud_classes,
                 "items": self.items}  # fmt: skip
+        if tiles is not None and grid is not None:
+            import ray
+
+            spec["items"], spec["group_tiles"] = None, GROUP_TILES
+            spec["item_groups"] = {k: ray.put(v) for k, v in self.partition(tiles, grid).items()}
+        return spec
+
+    def partition(self, tiles: list[Tile], grid: Grid) -> dict[str, list[dict]]:
+        """{group key: the records meeting the box of that group's tiles}: one bbox test per item and group."""
+        boxes: dict[str, list[float]] = {}
+        for t in tiles:
+            b = t.bounds(grid)
+            box = boxes.setdefault(group_key(t), list(b))
+            box[:] = [min(box[0], b[0]), min(box[1], b[1]), max(box[2], b[2]), max(box[3], b[3])]
+        return {k: [r for r in self.items if self._meets_tile(r, grid, tuple(box))] for k, box in boxes.items()}
+
+    def items_for(self, tile: Tile) -> list[dict]:
+        """The records a worker may need for `tile`: all of them, or its group's (fetched once per group)."""
+        if self._groups is None:
+            return self.items
+        key = group_key(tile, self._group_tiles)
+        if key not in self._group_items:
+            import ray
+
+            self._group_items[key] = ray.get(self._groups[key]) if key in self._groups else []
+        return self._group_items[key]
 
     @property
     def modalities(self) -> list[str]:
@@ -303,12 +369,12 @@ class StacSource:
 
     def read(self, tile: Tile, grid: Grid) -> dict[str, np.ndarray]:
         bounds = tile.bounds(grid)
-        out, notes = {}, []
+        out, notes, gaps = {}, [], []
         with self.handles.env_ctx():
             for m in self.collections:
                 c = MODALITIES[m].num_bands
                 out[m] = np.full((tile.size, tile.size, len(self.months), c), np.nan, np.float32)
-                mine = [r for r in self.items if r["modality"] == m and self._meets_tile(r, grid, bounds)]
+                mine = [r for r in self.items_for(tile) if r["modality"] == m and self._meets_tile(r, grid, bounds)]
                 for k in range(len(self.months)):
                     scenes = [r for r in mine if r["k"] == k]  # already in order of cloud cover
                     comp = Composite(self.method, (tile.size, tile.size, c))
@@ -317,11 +383,24 @@ class StacSource:
                         if comp.full:
                             break
                     out[m][:, :, k] = comp.result()
+                    if scenes and not np.isfinite(out[m][:, :, k]).any():
+                        gaps.append(f"{m} {self.month_label(k)}: item(s) {[r['id'] for r in scenes]} all cloud/shadow/nodata")
                 notes.append(f"{m}: {len(mine)} scene(s) meet the tile" + (", none of their pixels clear or with "
                              "data (cloud, shadow or nodata)" if mine else ""))  # fmt: skip
         if not any(np.isfinite(a).any() for a in out.values()):
             self._empty[tile.id] = "; ".join(notes)
+        self._gaps[tile.id] = gaps
         return out
+
+    def month_label(self, k: int) -> str:
+        """'YYYY-MM' of timeline index k."""
+        n = self.first[0] * 12 + self.first[1] - 1 + k
+        return f"{n // 12:04d}-{n % 12 + 1:02d}"
+
+    def explain_gaps(self, tile: Tile) -> str:
+        """The months of the last read of `tile` whose scenes had no clear pixel ("" when none): each with its
+        modality and item ids. The tile is still written with its other months."""
+        return "; ".join(self._gaps.get(tile.id, []))
 
     def _meets_tile(self, rec: dict, grid: Grid, bounds: tuple) -> bool:
         """Whether the item's footprint (its lon/lat bbox, taken into the grid's CRS once) meets the tile."""

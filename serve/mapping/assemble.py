@@ -35,8 +35,13 @@ from serve.mapping.tile_store import TILE_DIR, load_tiles
 
 
 class StreamingMosaic:
-    def __init__(self, cfg, grid: Grid, tiles: list[Tile], storage: Storage, workdir: str):
+    def __init__(self, cfg, grid: Grid, tiles: list[Tile], storage: Storage, workdir: str, zone: str = "",
+                 zarr_path: str | None = None):  # fmt: skip
+        """zone, zarr_path: one UTM zone of a map over several (its file suffix and chip id prefix, the zarr
+        store the zones share; MosaicWriter); "" and None for a map of one grid."""
         self.cfg, self.grid, self.storage, self.workdir = cfg, grid, storage, workdir
+        self.zone, self.zarr_path = zone, zarr_path
+        self.int8_max_abs: float | None = None  # the largest |value| of all zones of the map (set before finish)
         p = self.p = cfg.patch_size
         self.size_t, self.ov_t = cfg.tile_size // p, cfg.overlap // p  # tile side and overlap in tokens
         self.ht, self.wt = grid.height // p, grid.width // p  # mosaic size in tokens
@@ -59,6 +64,12 @@ class StreamingMosaic:
         # tiles, so none is counted twice)
         self.position_sum = self.position_count = self.position_mean = None
         self.seconds = 0.0  # spent loading, blending and writing
+        self.source_items: list[dict] = []  # the STAC records of the area (chips.parquet, geoemb:source_data)
+        self.chips = None
+        if getattr(cfg, "chips_parquet", False):
+            from serve.mapping.chips import ChipTable
+
+            self.chips = ChipTable(grid, self.p, cfg.chip_tokens, prefix=f"{zone}_" if zone else "")
 
     def _bands(self, t: Tile) -> range:
         y0 = t.y // self.p
@@ -83,8 +94,13 @@ class StreamingMosaic:
             if b not in self.written and not self.unresolved[b] and self._writer_ready():
                 self._write_band(b)
 
-    def finish(self) -> dict[str, str]:
-        """Write the bands left (tiles without a result are missing), close the files, upload them."""
+    def has_data(self) -> bool:
+        """Whether some tile is ok (else finish() has nothing to write)."""
+        return any(self._ok(i) for i in self.tiles)
+
+    def finish(self, upload_files: bool = True) -> dict[str, str]:
+        """Write the bands left (tiles without a result are missing), close the files, upload them -> {kind:
+        uri}; upload_files False: {kind: local path} (the zones of one map are uploaded together)."""
         if not any(self._ok(i) for i in self.tiles):
             raise RuntimeError(f"no tile of {len(self.tiles)} was embedded; see report.json and "
                                f"{join(self.cfg.out, TILE_DIR)}/*.json")  # fmt: skip
@@ -92,7 +108,13 @@ class StreamingMosaic:
             if b not in self.written:
                 self._write_band(b)
         t0 = time.time()
-        outputs = upload(self.storage, self.cfg.out, self.writer.close())
+        local = self.writer.close()
+        if self.chips is not None:
+            path = self.chips.write(os.path.join(self.workdir, "chips.parquet"), list(self.tiles.values()),
+                                    self.source_items, (self.cfg.time_start, self.cfg.time_end))  # fmt: skip
+            if path:
+                local["chips"] = path
+        outputs = upload(self.storage, self.cfg.out, local) if upload_files else local
         self.seconds += time.time() - t0
         return outputs
 
@@ -112,11 +134,18 @@ class StreamingMosaic:
         cfg = self.cfg
         scale = None
         if cfg.int8:  # only in finish(): every status (and max |value|) is known
-            max_abs = max(float(s.get("max_abs", 0.0)) for s in self.status.values() if s.get("status") == "ok")
+            max_abs = self.int8_max_abs if self.int8_max_abs is not None else self.max_abs()
             scale = max_abs / 127.0 if max_abs > 0 else 1.0
+        from serve.mapping.stac_item import source_refs
+
         tags = {"model": cfg.model_uri, "patch_size": self.p, "tile_size": cfg.tile_size, "overlap": cfg.overlap}
         self.writer = MosaicWriter(self.workdir, self.grid, self.p, dim, cfg.formats, scale, cfg.preview,
-                                   tags=tags, block=self.bt)  # fmt: skip
+                                   tags=tags, block=self.bt, source_data=source_refs(cfg),
+                                   suffix=f"_{self.zone}" if self.zone else "", zarr_path=self.zarr_path)  # fmt: skip
+
+    def max_abs(self) -> float:
+        """The largest |value| of the ok tiles (their statuses'): the int8 scale is this / 127."""
+        return max((float(s.get("max_abs", 0.0)) for s in self.status.values() if s.get("status") == "ok"), default=0.0)
 
     def _load(self, tile_ids: list[str]) -> None:
         """Bring the embeddings of these ok tiles into the cache (with the other tiles in the same files)."""
@@ -146,6 +175,8 @@ class StreamingMosaic:
         for bx in range(0, self.wt, self.bt):
             block, tiling = self._blend_block(ids, by, bx)
             self.writer.write_block(by, bx, block, preview_minus=tiling)
+            if self.chips is not None:
+                self.chips.add_block(by, bx, block)
         self.written.add(b)
         for tile_id in [i for i in self.cache if all(bb in self.written for bb in self._bands(self.tiles[i]))]:
             del self.cache[tile_id]

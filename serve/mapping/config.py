@@ -16,7 +16,7 @@ class EmbedAreaConfig:
     # area
     bbox: list[float] = field(default_factory=list)  # minx, miny, maxx, maxy in bbox_crs
     bbox_crs: str = "EPSG:4326"  # CRS of bbox (default lon/lat)
-    crs: str | None = None  # output CRS; None: the UTM zone of the bbox centre
+    crs: str | None = None  # output CRS; None: the bbox's UTM zone (lon/lat bbox across zones: one grid per zone)
     # input: a raw corpus (source) or GeoTIFFs per modality
     source: str = ""  # root URI of a raw corpus in the OlmoEarth layout (or give geotiffs)
     geotiffs: dict = field(default_factory=dict)  # {modality: [GeoTIFF URI, ...]}, T*C bands each, time-major
@@ -50,6 +50,10 @@ class EmbedAreaConfig:
     preview: bool = True  # also write preview.png (PCA false colour)
     preview_detile: bool = True  # the PNG leaves out the tiling's position component (serve/mapping/assemble.py)
     block_tokens: int = 64  # output block in tokens per side, a multiple of 16; the mosaic is written in bands of it
+    stac_item: bool = True  # also write item.json: a STAC Item of the map (embeddings extension, derived_from links)
+    chips_parquet: bool = False  # also write chips.parquet: GeoParquet, one row per chip (polygon, time, sources, mean vector)
+    chip_tokens: int = 16  # chip side in tokens for chips.parquet; divides block_tokens
+    sign: str = ""  # STAC input: sign asset hrefs before reading: "" (none) or planetary_computer (needs that package)
 
 
 def check_config(cfg: EmbedAreaConfig) -> None:
@@ -76,6 +80,8 @@ def check_config(cfg: EmbedAreaConfig) -> None:
         raise ValueError(f"patch_size: 1..8, got {cfg.patch_size}")
     if cfg.block_tokens < 16 or cfg.block_tokens % 16:
         raise ValueError(f"block_tokens: a multiple of 16 (the GeoTIFF's and zarr's block), got {cfg.block_tokens}")
+    if cfg.chips_parquet and (cfg.chip_tokens < 1 or cfg.block_tokens % cfg.chip_tokens):
+        raise ValueError(f"chip_tokens: a divisor of block_tokens ({cfg.block_tokens}), got {cfg.chip_tokens}")
 
 
 def check_stac(cfg: EmbedAreaConfig) -> None:
@@ -97,3 +103,5 @@ def check_stac(cfg: EmbedAreaConfig) -> None:
         raise ValueError(f"composite: 'first' or 'median', got {cfg.composite!r}")
     if not (cfg.time_start and cfg.time_end):
         raise ValueError("time_start, time_end: both required with stac (the calendar months to composite, <= 12)")
+    if cfg.sign not in ("", "planetary_computer"):
+        raise ValueError(f"sign: '' or 'planetary_computer', got {cfg.sign!r}")

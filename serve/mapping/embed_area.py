@@ -10,10 +10,17 @@
               overlaps) in bands of `block_tokens` token rows, each as soon as all its tiles are done, into
               out/embeddings.tif  Cloud-Optimized GeoTIFF, one band per dimension (float32, or int8 with
                                   `scale` in the metadata: value = q * scale, -128 nodata)
-              out/embeddings.zarr zarr v3 (band, y, x) with x / y coordinates and CF `spatial_ref` (xarray /
-                                  rioxarray read the CRS and transform)
+              out/embeddings.zarr zarr v3 by the geo-embeddings Zarr convention: `geoemb:` root attributes and
+                                  a group per UTM zone (e.g. utm18/) holding (band, y, x) with x / y and CF
+                                  `spatial_ref` (xarray / rioxarray read the CRS and transform; mosaic.py)
               out/preview.png     PCA false colour (first 3 components)
-              out/report.json     tiles done / skipped / failed (with errors), km², timings
+              out/chips.parquet   (chips_parquet) GeoParquet of per-chip mean embeddings (serve/mapping/chips.py)
+              out/item.json       a STAC Item of the map, derived_from its source items (serve/mapping/stac_item.py)
+              out/report.json     tiles done / skipped / failed / empty (with reasons), months without a clear
+                                  pixel of written tiles (gaps), km², timings
+
+An area given in lon/lat (no `crs`) that spans several UTM zones gets a grid per zone, embedded zone by zone into
+one map (serve/mapping/zones.py): a zarr group per zone, embeddings_<zone>.tif and preview_<zone>.png.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from pipelines.common.faults import fault_plan
 from pipelines.common.storage import Storage, join
 from pipelines.imagery.grid import Grid, Tile
 from serve.mapping.config import EmbedAreaConfig, check_config
-from serve.mapping.plan import check_manifest, job_signature, make_source, plan
+from serve.mapping.plan import check_manifest, job_signature, make_source, plan, plan_zones
 from serve.mapping.tile_store import finished_tiles
 from serve.mapping.worker import TileWorker
 
@@ -38,6 +45,11 @@ def embed_area(cfg: EmbedAreaConfig) -> dict:
     check_config(cfg)
     storage = Storage()
     t_start = time.time()
+    zones = plan_zones(cfg)
+    if zones:  # an area across UTM zones: a grid per zone (serve/mapping/zones.py)
+        from serve.mapping.zones import embed_zones
+
+        return embed_zones(cfg, storage, zones, t_start)
     grid, tiles = plan(cfg)
     source = make_source(cfg, storage, grid)  # finds and checks the input on the driver, before any work
     check_manifest(storage, cfg, job_signature(cfg, grid))
@@ -45,27 +57,56 @@ def embed_area(cfg: EmbedAreaConfig) -> dict:
     todo = [t for t in tiles if done.get(t.id, {}).get("status") != "ok"]
     # the mosaic is blended band by band in this driver while the workers encode (serve/mapping/assemble.py)
     workdir = tempfile.mkdtemp(prefix="olmoearth-mosaic-")
+    items = list(getattr(source, "items", []))  # STAC records: the map's derived_from and chips' source ids
+    # a STAC source ships its items to the workers partitioned by tile block (through the object store)
+    spec = source.spec(todo, grid) if items and todo else source.spec()
     try:
-        rows, outputs, seconds = encode_and_assemble(cfg, storage, grid, tiles, todo, source.spec(), done, workdir)
+        rows, outputs, seconds = encode_and_assemble(cfg, storage, grid, tiles, todo, spec, done, workdir,
+                                                     source_items=items)  # fmt: skip
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    if cfg.stac_item:
+        from serve.mapping.plan import signature_hash
+        from serve.mapping.stac_item import write_item
+
+        outputs["stac_item"] = write_item(storage, cfg, grid, outputs, seconds["dim"], seconds["scale"], items,
+                                          f"olmoearth-embeddings-{signature_hash(job_signature(cfg, grid))}")  # fmt: skip
     report = make_report(cfg, grid, tiles, todo, done, rows, outputs, seconds, t_start)
     storage.write_text(join(cfg.out, "report.json"), json.dumps(report, indent=1))
     return report
 
 
 def encode_and_assemble(cfg: EmbedAreaConfig, storage: Storage, grid: Grid, tiles: list[Tile], todo: list[Tile],
-                        source_spec: dict, done: dict, workdir: str) -> tuple[list[dict], dict, dict]:  # fmt: skip
+                        source_spec: dict, done: dict, workdir: str, mosaic=None,
+                        source_items: list[dict] | None = None, desc: str = "embedding"
+                        ) -> tuple[list[dict], dict, dict]:  # fmt: skip
     """Encode `todo` while blending every result into the mosaic; `done` gains each tile's final status.
-    -> (the workers' rows, {kind: uri} of the outputs, seconds (and the time the encode stage began))."""
-    from tqdm import tqdm
-
+    mosaic: the blend to feed (default the embedding StreamingMosaic; `olmoearth predict` gives its class map's).
+    source_items: the STAC records of the area (chips.parquet's source ids). desc: the progress bar's label.
+    -> (the workers' rows, {kind: uri} of the outputs, seconds (and the time the encode stage began, and the
+    map's embedding dimension `dim` and int8 `scale` (None: float32)))."""
     from serve.mapping.assemble import StreamingMosaic
 
-    per_tile_km2 = grid.area_km2 / len(tiles)
+    mosaic = mosaic or StreamingMosaic(cfg, grid, tiles, storage, workdir)
+    rows, seconds = encode_into(cfg, grid, tiles, todo, source_spec, done, mosaic, source_items, desc)
+    t_asm = time.time()
+    outputs = mosaic.finish()
+    seconds["assemble"] = time.time() - t_asm
+    writer = getattr(mosaic, "writer", None)
+    seconds["dim"], seconds["scale"] = getattr(writer, "dim", None), getattr(writer, "scale", None)
+    return rows, outputs, seconds
+
+
+def encode_into(cfg: EmbedAreaConfig, grid: Grid, tiles: list[Tile], todo: list[Tile], source_spec: dict,
+                done: dict, mosaic, source_items: list[dict] | None, desc: str) -> tuple[list[dict], dict]:  # fmt: skip
+    """The encode stage of `encode_and_assemble`: every result blended into `mosaic` as it arrives (the mosaic
+    is not finished) -> (the workers' rows, seconds)."""
+    from tqdm import tqdm
+
     skipped = len(tiles) - len(todo)
-    bar = tqdm(total=round(grid.area_km2, 2), unit="km²", desc="embedding", initial=round(skipped * per_tile_km2, 2))
-    mosaic = StreamingMosaic(cfg, grid, tiles, storage, workdir)
+    # counted in tiles (km² summed per tile would overshoot the total by rounding)
+    bar = tqdm(total=len(tiles), unit="tile", desc=f"{desc} {grid.area_km2:.1f} km²", initial=skipped)
+    mosaic.source_items = list(source_items or [])
     for tile_id, st in done.items():  # finished by an earlier run (the others are encoded again now)
         if st.get("status") == "ok":
             mosaic.add(tile_id, st)
@@ -75,17 +116,13 @@ def encode_and_assemble(cfg: EmbedAreaConfig, storage: Storage, grid: Grid, tile
         if done.get(row["tile"], {}).get("status") != "ok":
             done[row["tile"]] = st
         mosaic.add(row["tile"], st)
-        bar.update(per_tile_km2)
+        bar.update(1)
         bar.set_postfix_str(f"{row['tile']} {row['status']}")
 
     t_enc = time.time()
     rows = run_tiles(cfg, grid, source_spec, todo, on_done)
     bar.close()
-    seconds = {"encode_start": t_enc, "encode": time.time() - t_enc, "assemble_streamed": mosaic.seconds}
-    t_asm = time.time()
-    outputs = mosaic.finish()
-    seconds["assemble"] = time.time() - t_asm
-    return rows, outputs, seconds
+    return rows, {"encode_start": t_enc, "encode": time.time() - t_enc, "assemble_streamed": mosaic.seconds}
 
 
 def run_tiles(cfg: EmbedAreaConfig, grid: Grid, source_spec: dict, todo: list[Tile], on_done) -> list[dict]:
@@ -134,6 +171,9 @@ def make_report(cfg: EmbedAreaConfig, grid: Grid, tiles: list[Tile], todo: list[
         "skipped_finished": len(tiles) - len(todo),
         "failed": {k: v.get("error", "") for k, v in missing.items() if v.get("status") == "failed"},
         "empty": sorted(k for k, v in missing.items() if v.get("status") == "empty"),
+        # written tiles with months whose scenes had no clear pixel (StacSource): modality, month, item ids
+        "gaps": {t.id: done[t.id]["error"] for t in tiles if done.get(t.id, {}).get("status") == "ok"
+                 and done[t.id].get("error")},
         "outputs": outputs, "engine": cfg.engine,
         # assemble: after the last tile; assemble_streamed: blending done in the driver during the encode stage
         "seconds": {"total": time.time() - t_start, "setup": t_setup, "encode": t_enc,
@@ -144,7 +184,11 @@ def make_report(cfg: EmbedAreaConfig, grid: Grid, tiles: list[Tile], todo: list[
                     "actor_init": max((r["actor_init_s"] for r in rows), default=None),
                     "worker_read": sum(r["read_s"] for r in rows), "worker_embed": sum(r["embed_s"] for r in rows),
                     "worker_write": sum(r["write_s"] for r in rows),
-                    "worker_write_wait": sum(r["write_wait_s"] for r in rows)},
+                    "worker_write_wait": sum(r["write_wait_s"] for r in rows),
+                    # start-up and tail of the whole job: job start to the first finished tile, last finished
+                    # tile to the report (the rest of the blend, the mosaic's files)
+                    "first_tile": (min(r["t_done"] for r in rows) - t_start) if rows else None,
+                    "after_last_tile": (time.time() - max(r["t_done"] for r in rows)) if rows else None},
         "km2_per_s_encode": (len(rows) * per_tile_km2 / t_enc) if rows and t_enc > 0 else None,
         # after start-up (actors built, first tile out): the rate a long job runs at
         "km2_per_s_steady": steady_rate(rows, per_tile_km2),

@@ -2,6 +2,17 @@
 and a PCA false-colour PNG preview. Blocks are (h, w, D) float32 at token resolution, NaN = no data, written
 in any order.
 
+The zarr store follows the geo-embeddings Zarr convention (https://github.com/geo-embeddings/
+embeddings-zarr-convention, v1): the root group carries `zarr_conventions` and the `geoemb:` attributes (type
+pixel, dimensions, model, source data, data type, gsd, quantisation with its scalar scale, spatial layout
+`utm_zones`) and lists its zone groups in `olmoearth:groups`; one group per UTM zone, named as the convention
+says (`utm18`; `utm18s` for a southern zone), holds the arrays (embedding (band, y, x), x, y, band, CF
+`spatial_ref`) with the GeoZarr `proj:code` and `spatial:` attributes. An area in one UTM zone (or with an explicit
+`crs`) has one grid and its store one group; an area spanning zones has one grid per zone (serve/mapping/plan.py,
+`plan_zones`), each zone's writer adds its group to one shared store (`zarr_path`) and names its COG and preview
+after its zone (`suffix`: embeddings_utm17.tif). int8 maps keep
+nodata distinct: values are -127..127 (value = q * scale) and -128 is the fill value.
+
 The preview keeps every `stride`-th token of each block (float16, at most PREVIEW_MAX_PX per side and
 PREVIEW_MAX_BYTES in all) and is coloured at close(): its PCA is fitted on a sample of that lattice, i.e. on
 the whole area, not on the blocks that happened to come first."""
@@ -23,13 +34,20 @@ class MosaicWriter:
     """The output files of one mosaic, open while blocks arrive; `close()` finishes them -> {kind: local path}."""
 
     def __init__(self, folder: str, grid: Grid, patch_size: int, dim: int, formats: list[str],
-                 int8_scale: float | None, preview: bool, tags: dict | None = None, block: int = 256):  # fmt: skip
-        """block: the GeoTIFF's and zarr's block side in tokens (a multiple of 16); write whole blocks."""
+                 int8_scale: float | None, preview: bool, tags: dict | None = None, block: int = 256,
+                 source_data: list[str] | None = None, suffix: str = "", zarr_path: str | None = None):  # fmt: skip
+        """block: the GeoTIFF's and zarr's block side in tokens (a multiple of 16); write whole blocks.
+        source_data: references to the input (catalog, collections, files) for the zarr's `geoemb:source_data`.
+        suffix: added to the COG's and preview's file names (one zone of several: "_utm17"). zarr_path: a store
+        shared by the zones of one map (opened for appending, this grid's group added); None: a new store in
+        `folder`."""
         if block % 16:
             raise ValueError(f"block must be a multiple of 16 tokens, got {block}")
         self.folder, self.grid, self.p, self.dim, self.block = folder, grid, patch_size, dim, block
+        self.suffix, self.shared_zarr = suffix, zarr_path
         self.h, self.w = grid.height // patch_size, grid.width // patch_size
         self.scale = int8_scale
+        self.source_data = list(source_data or [])
         self.transform = grid.transform(patch_size)  # token pixels: p x 10 m
         self.tags = {**(tags or {}), "units": "embedding", "crs": grid.crs}
         if int8_scale is not None:
@@ -57,7 +75,7 @@ class MosaicWriter:
         # band-interleaved: the COG copy reads it band by band, so it reads each band once
         prof.update(tiled=True, blockxsize=self.block, blockysize=self.block, compress="zstd", zstd_level=1, BIGTIFF="IF_SAFER",
                     interleave="band")  # fmt: skip
-        self._tif_tmp = os.path.join(self.folder, "mosaic_tmp.tif")
+        self._tif_tmp = os.path.join(self.folder, f"mosaic_tmp{self.suffix}.tif")
         self.tif = rasterio.open(self._tif_tmp, "w", **prof)
         self.tif.update_tags(**{k: str(v) for k, v in self.tags.items()})
         for i in range(self.dim):
@@ -70,19 +88,24 @@ class MosaicWriter:
     def _open_zarr(self):
         import zarr
 
-        path = os.path.join(self.folder, "embeddings.zarr")
-        root = zarr.open_group(path, mode="w", zarr_format=3)
+        path = self.shared_zarr or os.path.join(self.folder, "embeddings.zarr")
+        root = zarr.open_group(path, mode="a" if self.shared_zarr else "w", zarr_format=3)
+        group = root.create_group(zone_group_name(self.grid.crs))
         dtype, fill = ("int8", -128) if self.scale is not None else ("float32", float("nan"))
-        arr = root.create_array("embedding", shape=(self.dim, self.h, self.w), chunks=(self.dim, self.block, self.block),
-                                dtype=dtype, fill_value=fill, dimension_names=["band", "y", "x"])  # fmt: skip
+        arr = group.create_array("embedding", shape=(self.dim, self.h, self.w), chunks=(self.dim, self.block, self.block),
+                                 dtype=dtype, fill_value=fill, dimension_names=["band", "y", "x"])  # fmt: skip
         attrs = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref", "long_name": "OlmoEarth embedding", **{k: str(v) for k, v in self.tags.items()}}
-        if self.scale is not None:
-            attrs.update(scale_factor=float(self.scale), add_offset=0.0)
+        if self.scale is not None:  # CF: xarray decodes value = q * scale_factor, -128 (the fill value) -> NaN
+            attrs.update(scale_factor=float(self.scale), add_offset=0.0, _FillValue=-128)
             attrs.pop("scale", None)
             attrs.pop("offset", None)
         arr.attrs.update(attrs)
-        self._write_zarr_coords(root)
-        root.attrs.update({"crs": self.grid.crs, "transform": list(self.transform), "patch_size": self.p})
+        self._write_zarr_coords(group)
+        root.attrs.update(geoemb_root_attrs(self.dim, str(self.tags.get("model", "")), self.source_data,
+                                            self.p * self.grid.resolution, self.scale,
+                                            sorted({*root.attrs.get("olmoearth:groups", []), group.basename})))  # fmt: skip
+        group.attrs.update({**zone_attrs(self.grid, self.transform, self.h, self.w), "patch_size": self.p,
+                            "crs": self.grid.crs, "transform": list(self.transform)})  # fmt: skip
         self.zarr, self._zarr_path = arr, path
 
     def _write_zarr_coords(self, root) -> None:
@@ -160,7 +183,7 @@ class MosaicWriter:
             from serve.mapping.geo import to_cog
 
             self.tif.close()
-            cog = os.path.join(self.folder, "embeddings.tif")
+            cog = os.path.join(self.folder, f"embeddings{self.suffix}.tif")
             to_cog(self._tif_tmp, cog)
             os.remove(self._tif_tmp)
             out["cog"] = cog
@@ -173,7 +196,7 @@ class MosaicWriter:
         if rgba is not None:
             from PIL import Image
 
-            path = os.path.join(self.folder, "preview.png")
+            path = os.path.join(self.folder, f"preview{self.suffix}.png")
             Image.fromarray(rgba, "RGBA").save(path)
             out["preview"] = path
         return out
@@ -185,6 +208,57 @@ def preview_stride(h: int, w: int, dim: int) -> int:
     while -(-h // stride) * -(-w // stride) * dim * 2 > PREVIEW_MAX_BYTES:
         stride += 1
     return stride
+
+
+def zone_group_name(crs: str) -> str:
+    """The zarr group of a grid: `utm{NN}` for a northern UTM zone (the convention's name), `utm{NN}s` for a
+    southern one (the convention names no hemisphere; ours keeps the two apart), else `epsg{code}`."""
+    from rasterio.crs import CRS
+
+    code = CRS.from_user_input(crs).to_epsg()
+    if code and 32601 <= code <= 32660:
+        return f"utm{code - 32600:02d}"
+    if code and 32701 <= code <= 32760:
+        return f"utm{code - 32700:02d}s"
+    if not code:
+        raise ValueError(f"crs {crs!r}: the zarr output needs a CRS with an EPSG code")
+    return f"epsg{code}"
+
+
+def geoemb_root_attrs(dim: int, model: str, source_data: list[str], gsd: float, scale: float | None,
+                      groups: list[str]) -> dict:  # fmt: skip
+    """The root group's attributes by the geo-embeddings Zarr convention (geoemb:, v1) and the zone groups."""
+    attrs = {"zarr_conventions": ZARR_CONVENTIONS, "geoemb:type": "pixel", "geoemb:dimensions": int(dim),
+             "geoemb:model": model, "geoemb:source_data": source_data or ["unknown"],
+             "geoemb:data_type": "int8" if scale is not None else "float32", "geoemb:gsd": float(gsd),
+             "geoemb:spatial_layout": "utm_zones", "geoemb:build_version": "olmoearth-ray",
+             "olmoearth:groups": list(groups)}  # fmt: skip
+    if scale is not None:
+        attrs["geoemb:quantization"] = {"method": "linear", "original_dtype": "float32", "quantized_dtype": "int8",
+                                        "scale": {"type": "scalar", "scale": float(scale), "offset": 0.0}}  # fmt: skip
+    return attrs
+
+
+def zone_attrs(grid: Grid, transform, h: int, w: int) -> dict:
+    """A zone group's `proj:` and `spatial:` attributes (GeoZarr conventions): CRS, affine, shape, bounds."""
+    a, _, c, _, e, f = tuple(transform)[:6]
+    return {"proj:code": grid.crs, "spatial:dimensions": ["y", "x"], "spatial:transform": [a, 0.0, c, 0.0, e, f],
+            "spatial:shape": [h, w], "spatial:bbox": [c, f + e * h, c + a * w, f], "spatial:registration": "pixel"}  # fmt: skip
+
+
+ZARR_CONVENTIONS = [  # https://github.com/geo-embeddings/embeddings-zarr-convention (v1), GeoZarr proj: / spatial:
+    {"schema_url": "https://raw.githubusercontent.com/geo-embeddings/embeddings-zarr-convention/refs/tags/v1/schema.json",
+     "spec_url": "https://github.com/geo-embeddings/embeddings-zarr-convention/blob/v1/README.md",
+     "uuid": "61c12cc5-0e28-4056-999a-480cf3fb7e4c", "name": "geoemb:",
+     "description": "Geoembeddings convention for geospatial embedding arrays with model provenance"},
+    {"schema_url": "https://raw.githubusercontent.com/zarr-conventions/spatial/refs/tags/v1/schema.json",
+     "spec_url": "https://github.com/zarr-conventions/spatial/blob/v1/README.md",
+     "uuid": "689b58e2-cf7b-45e0-9fff-9cfc0883d6b4", "name": "spatial:", "description": "Spatial coordinate information"},
+    {"schema_url": "https://raw.githubusercontent.com/zarr-experimental/geo-proj/refs/tags/v1/schema.json",
+     "spec_url": "https://github.com/zarr-experimental/geo-proj/blob/v1/README.md",
+     "uuid": "f17cb550-5864-4468-aeb7-f3180cfb622f", "name": "proj:",
+     "description": "Coordinate reference system information for geospatial data"},
+]  # fmt: skip
 
 
 def _wkt(crs: str) -> str:
