@@ -21,6 +21,7 @@ FAULTS_ENV = "OLMOEARTH_FAULTS"
 KNOWN = {
     "train_step": "the last training worker raises at this optimiser step (fresh start only)",
     "embed_tiles": "these tile ids raise in the area job's encoder workers",
+    "materialize_cells": "these cell ids raise in the materialisation task after writing their first file",
 }
 
 

@@ -113,8 +113,8 @@ def list_files(root_uri: str, storage: Storage) -> dict[str, list[str]]:
     for folder in [m.raw_folder for m in MODALITIES.values()] + [LABELS_FOLDER]:
         uri = join(root_uri, folder)
         try:
-            if is_s3(uri):
-                names = fs.ls(uri, detail=False)
+            if is_s3(uri):  # an emptied folder's own marker (`folder/`, SeaweedFS) is not a file of it
+                names = [n for n in fs.ls(uri, detail=False) if not n.endswith("/")]
             else:  # fsspec's local ls normalises every path it returns: 40% of a large listing's time
                 names = [os.path.join(uri, n) for n in os.listdir(uri)]
         except (FileNotFoundError, NotADirectoryError):

@@ -43,6 +43,11 @@ def power_to_db(vals: np.ndarray, fill=np.nan) -> np.ndarray:
     return good
 
 
+def db_to_power(vals: np.ndarray) -> np.ndarray:
+    """The inverse of `power_to_db`: float dB -> float32 linear power 10^(dB / 10); NaN stays NaN."""
+    return np.power(np.float32(10.0), np.asarray(vals, np.float32) / np.float32(10.0))
+
+
 def nodata_to_nan(modality: str, arr: np.ndarray) -> np.ndarray:
     """A float32 copy of an integer raster with its modality's nodata value as NaN (float input: cast only)."""
     out = arr.astype(np.float32)
@@ -57,6 +62,31 @@ def to_model_units(modality: str, raw: np.ndarray) -> np.ndarray:
     out = nodata_to_nan(modality, raw)
     if modality == "sentinel1":
         power_to_db(out)  # its nodata (-32768) is not a positive power
+    return out
+
+
+def from_model_units(modality: str, vals: np.ndarray) -> np.ndarray:
+    """The inverse of `to_model_units`: float model units (NaN = missing) -> the raw GeoTIFF dtype of
+    `modality` with its nodata value; Sentinel-1 dB -> linear power. Integer modalities are rounded and
+    clipped to their dtype's range; a valid value that would land on the nodata value (0 reflectance where
+    0 is nodata) is moved one step off it, so that no observed pixel reads back as missing."""
+    dtype, nodata = RAW_FORMAT[modality]
+    missing = np.isnan(vals)
+    if modality == "sentinel1":
+        out = db_to_power(vals)
+    else:
+        info = np.iinfo(dtype)
+        lo, hi = info.min, info.max
+        if nodata is not None:  # keep valid values off the nodata value at either end of the range
+            lo, hi = (lo + 1, hi) if nodata == info.min else (lo, hi - 1) if nodata == info.max else (lo, hi)
+        out = np.clip(np.rint(np.where(missing, 0, vals)), lo, hi)
+        if nodata is not None and lo <= nodata <= hi:
+            out[out == nodata] = nodata + 1 if nodata + 1 <= hi else nodata - 1
+    out = out.astype(dtype)
+    if nodata is not None:
+        out[missing] = nodata
+    elif missing.any():
+        raise ValueError(f"{modality}: has no nodata value in the raw format, but {int(missing.sum())} values are NaN")
     return out
 
 

@@ -1,0 +1,145 @@
+"""Materialisation benchmark, on SeaweedFS: `materialize` of cells from a static STAC catalog against the raw
+windowed read of the same COG bytes.
+
+A synthetic corpus of cells x cells cells (Sentinel-2, one month) is written and its pixels published as a
+static STAC catalog (one item per cell, one tiled GeoTIFF per band at its stored resolution plus an SCL asset:
+bench/stac_map.py's `write_catalog`). Then:
+
+- materialise: `materialize` of every cell (Ray tasks of 1 CPU on a local cluster of `--cores` CPUs), end to
+  end (planning and search included), written back in the raw layout; its Sentinel-2 files are checked equal to
+  the corpus's own (the catalog holds the corpus's pixels, so the round trip must be exact);
+- raw read: in one process, for every cell, each asset of each item the job hands that cell (bands and SCL)
+  opened with rasterio and the cell's window read (no warping, masking, compositing, conversion or writing):
+  the same COG bytes, the floor of what any reader pays;
+- `ratio materialize_vs_raw_read`: (materialise cells/s / cores) / (raw read cells/s); target >= 0.6.
+
+    python bench/materialize.py [--cells 4] [--cores 2] [--repeats 2]
+Prints `NAME: VALUE UNIT` and `ratio NAME: VALUE` lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+import uuid
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TQDM_DISABLE", "1")
+START, END = "2021-06-01", "2021-06-30"  # one calendar month: the corpus's one 30-day period
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def raw_read(cfg, storage) -> float:
+    """Seconds to read, in this process, each cell's window of every asset (bands and mask) of every item the
+    job hands that cell (the same COG bytes the materialisation reads); each file opened once and kept open
+    (as the job's workers keep theirs), so the floor is the window reads plus one open per file."""
+    import rasterio
+
+    from pipelines.corpus import raw_layout as rl
+    from pipelines.corpus.materialize import load_cells, plan_jobs
+    from pipelines.imagery.sources import gdal_env, source_window
+
+    jobs = plan_jobs(cfg, load_cells(cfg, storage), storage)
+    t0 = time.perf_counter()
+    opened = {}
+    with rasterio.Env(**gdal_env(storage)):
+        for job in jobs:
+            bounds = rl.cell_bounds(job["cell"].col, job["cell"].row)
+            for spec in job["sources"].values():
+                for rec in spec["items"]:
+                    for _, href in [*rec["assets"].values(), *([rec["mask"]] if rec["mask"] else [])]:
+                        ds = opened.get(href) or opened.setdefault(href, rasterio.open(href))
+                        win = source_window(ds, bounds)  # None: the file does not reach the cell
+                        if win is not None:
+                            ds.read(1, window=win)
+    for ds in opened.values():
+        ds.close()
+    return time.perf_counter() - t0
+
+
+def check_equal(storage, raw: str, out: str, sids: list[str]) -> None:
+    """The materialised Sentinel-2 files hold exactly the corpus's pixels."""
+    from olmoearth.modalities import MODALITIES
+    from pipelines.corpus import raw_layout as rl
+    from pipelines.imagery.geotiff import read_geotiff
+
+    folder = MODALITIES["sentinel2_l2a"].raw_folder
+    for sid in sids:
+        epsg, col, row = rl.parse_sample_id(sid)
+        for bs in MODALITIES["sentinel2_l2a"].bandsets:
+            name = f"{folder}/{rl.file_name(epsg, col, row, bs.resolution)}"
+            a, _ = read_geotiff(f"{raw}/{name}", storage)
+            b, _ = read_geotiff(f"{out}/{name}", storage)
+            assert np.array_equal(a[: bs.num_bands], b), (sid, bs.resolution)
+
+
+def run(args, storage) -> None:
+    from pipelines.corpus.materialize import materialize
+    from pipelines.corpus.materialize_config import MaterializeConfig
+
+    bucket = f"s3://bench-mat-{uuid.uuid4().hex[:8]}"
+    _bench("serve").make_corpus(storage, bucket + "/raw", args.cells, START)
+    catalog = _bench("stac_map").write_catalog(storage, bucket + "/raw", bucket)
+    from pipelines.corpus.raw_layout import list_samples
+
+    sids = sorted(list_samples(bucket + "/raw", storage))
+    mat, raw = [], []
+    for k in range(args.repeats):
+        out = f"{bucket}/out-{k}"
+        cfg = MaterializeConfig(cell_ids=sids, time_start=START, time_end=END, stac=catalog,
+                                collections={"sentinel2_l2a": "sentinel-2-l2a"}, out=out)  # fmt: skip
+        t0 = time.perf_counter()
+        report = materialize(cfg, storage)
+        mat.append(time.perf_counter() - t0)
+        assert report["written"] == len(sids) and not report["failed"], report
+        check_equal(storage, bucket + "/raw", out, sids)
+        raw.append(raw_read(cfg, storage))
+    n = len(sids)
+    mat_rate, raw_rate = n / min(mat), n / min(raw)
+    print(f"cells: {n} cells")
+    print(f"materialize_throughput: {mat_rate:.3f} cells/s on {args.cores} cores (runs {', '.join(f'{n / s:.3f}' for s in mat)})")
+    print(f"materialize_per_core: {mat_rate / args.cores:.3f} cells/s/core")
+    print(f"raw_read_throughput: {raw_rate:.3f} cells/s on 1 core (runs {', '.join(f'{n / s:.3f}' for s in raw)})")
+    print(f"ratio materialize_vs_raw_read: {mat_rate / args.cores / raw_rate:.3f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cells", type=int, default=4, help="cells x cells corpus cells (2560 m each)")
+    ap.add_argument("--cores", type=int, default=2, help="CPUs of the local Ray cluster the job runs on")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each side; the best is reported")
+    args = ap.parse_args()
+
+    import ray
+
+    from pipelines.common.local_s3 import SeaweedServer
+    from pipelines.common.ray_start import init_ray
+    from pipelines.common.storage import Storage
+
+    with tempfile.TemporaryDirectory() as tmp, SeaweedServer(os.path.join(tmp, "weed")) as s3:
+        os.environ.update(s3.env())
+        init_ray(num_cpus=args.cores, address="local", log_to_driver=False, configure_logging=False)
+        try:
+            print(f"load_average_before: {os.getloadavg()[0]:.2f}")
+            run(args, Storage())
+            print(f"load_average_after: {os.getloadavg()[0]:.2f}")
+        finally:
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
