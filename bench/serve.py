@@ -92,8 +92,10 @@ def bench_area(args, storage) -> None:
     print(f"area_km2: {area:.2f} km2")
     print(f"area_tiles: {len(tiles)} tiles")
     for k in ("setup", "startup", "actor_init", "worker_read", "worker_embed", "worker_write",
-              "worker_write_wait", "encode", "assemble_streamed", "assemble", "total"):  # fmt: skip
-        print(f"area_job_seconds_{k}: {sec[k]:.2f} s")
+              "worker_write_wait", "encode", "assemble_streamed", "assemble", "first_tile", "after_last_tile",
+              "total"):  # fmt: skip
+        if sec.get(k) is not None:
+            print(f"area_job_seconds_{k}: {sec[k]:.2f} s")
     print(f"bare_encoder_seconds: {bare:.2f} s (before the job {bare_before:.2f}, after {bare_after:.2f})")
     print(f"bare_encoder_throughput: {area / bare:.3f} km2/s")
     steady = report["km2_per_s_steady"]
@@ -106,77 +108,136 @@ def bench_area(args, storage) -> None:
 
 
 def bench_endpoint(args) -> None:
-    import requests
     from ray import serve
 
     from pipelines.common.local_s3 import free_port
     from serve.app import ServeConfig, run
 
     cfg = ServeConfig(model_uri=args.model, port=free_port(), min_replicas=1, max_replicas=1, max_batch_size=16,
-                      max_ongoing_requests=32, batch_wait_timeout_s=0.01, num_cpus=1.0,
+                      max_ongoing_requests=32, batch_wait_timeout_s=args.wait, num_cpus=1.0,
                       torch_threads=args.threads)  # fmt: skip
     run(cfg)
     url = f"http://127.0.0.1:{cfg.port}/embed"
     rng = np.random.default_rng(0)
+    xs = [(rng.random((1, 32, 32, 2, 12)) * 3000).astype(np.float32) for _ in range(16)]
     bodies = []
-    for _ in range(16):
+    for x in xs:
         buf = io.BytesIO()
-        np.savez(buf, sentinel2_l2a=(rng.random((1, 32, 32, 2, 12)) * 3000).astype(np.float32), months=np.array([5, 6]))
+        np.savez(buf, sentinel2_l2a=x, months=np.array([5, 6]))
         bodies.append(buf.getvalue())
-
-    def client(i: int):
-        lat, errors, sizes = [], 0, []
-        with requests.Session() as s:
-            for _ in range(args.requests):
-                t = time.perf_counter()
-                r = s.post(url, params={"patch_size": 4}, data=bodies[i],
-                           headers={"Content-Type": "application/x-npz"}, timeout=300)  # fmt: skip
-                lat.append(time.perf_counter() - t)
-                if r.status_code != 200:
-                    errors += 1
-                else:
-                    sizes.append(int(r.headers["x-batch-size"]))
-        return lat, errors, sizes
-
-    # what the same requests cost without HTTP / Serve: decode + validate + forward in this process, in
-    # batches of 4 (same model and torch threads); timed before and after the clients, since other load drifts
-    from serve.embedder import Embedder
-    from serve.inputs import Limits, parse_npz
-
-    embedder = Embedder(args.model, num_threads=args.threads)
-    n, per = 16 * args.requests, 4
-    embedder.embed(parse_npz(bodies[0], 4, Limits()).x, np.array([[5, 6]]), 4)  # warm-up
-
-    def bare_forward() -> float:
-        t = time.perf_counter()
-        for i in range(0, n, per):
-            inps = [parse_npz(bodies[(i + k) % 16], 4, Limits()) for k in range(min(per, n - i))]
-            x = {"sentinel2_l2a": np.concatenate([a.x["sentinel2_l2a"] for a in inps])}
-            embedder.embed(x, np.concatenate([a.months for a in inps]), 4)
-        return time.perf_counter() - t
-
-    bare_before = bare_forward()
-    client(0)  # warm-up
+    n = 16 * args.requests
+    bare = BareForward(args, bodies)
+    bare_before = bare.run(4)
+    http_client(url, bodies[0], args.requests)  # warm-up
     t = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(client, range(16)))
+        results = list(pool.map(lambda i: http_client(url, bodies[i], args.requests), range(16)))
     wall = time.perf_counter() - t
-    bare_after = bare_forward()
-    bare = (bare_before + bare_after) / 2
+    handle = serve.get_app_handle(cfg.name)
+    t = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        handle_lat = list(pool.map(lambda i: handle_client(handle, xs[i], args.requests), range(16)))
+    handle_wall = time.perf_counter() - t
+    bare_after = bare.run(4)
     lat = np.concatenate([r[0] for r in results]) * 1000
     errors = sum(r[1] for r in results)
     sizes = [s for r in results for s in r[2]]
+    mean_batch = float(np.mean(sizes)) if sizes else 0.0
+    matched = max(1, round(mean_batch))
+    bare_matched = bare.run(matched)
+    bare_s = (bare_before + bare_after) / 2
     print("endpoint_clients: 16 clients")
     print(f"endpoint_requests: {len(lat)} requests")
     print(f"endpoint_requests_per_s: {len(lat) / wall:.2f} req/s")
     print(f"endpoint_latency_p50: {np.percentile(lat, 50):.1f} ms")
     print(f"endpoint_latency_p99: {np.percentile(lat, 99):.1f} ms")
     print(f"endpoint_errors: {errors} requests")
-    print(f"endpoint_mean_batch: {np.mean(sizes) if sizes else 0:.2f} requests/forward")
-    print(f"bare_forward_requests_per_s: {n / bare:.2f} req/s (batches of {per}, no HTTP; before the clients "
+    print(f"endpoint_mean_batch: {mean_batch:.2f} requests/forward")
+    print(f"bare_forward_requests_per_s: {n / bare_s:.2f} req/s (batches of 4, no HTTP; before the clients "
           f"{n / bare_before:.2f}, after {n / bare_after:.2f})")  # fmt: skip
-    print(f"ratio endpoint_vs_bare_forward: {(len(lat) / wall) / (n / bare):.3f}")
+    print(f"bare_forward_matched_requests_per_s: {n / bare_matched:.2f} req/s (batches of {matched}, the "
+          "endpoint's mean batch)")  # fmt: skip
+    hl = np.concatenate(handle_lat) * 1000
+    print(f"endpoint_handle_requests_per_s: {len(hl) / handle_wall:.2f} req/s (DeploymentHandle embed_arrays, "
+          f"no HTTP; p99 {np.percentile(hl, 99):.1f} ms)")  # fmt: skip
+    print(f"ratio endpoint_vs_bare_forward: {(len(lat) / wall) / (n / bare_s):.3f}")
+    print(f"ratio endpoint_vs_bare_forward_matched_batch: {(len(lat) / wall) / (n / bare_matched):.3f}")
+    print(f"ratio endpoint_handle_vs_bare_forward: {(len(hl) / handle_wall) / (n / bare_s):.3f}")
+    print_time_split([st for r in results for st in r[3]])
     serve.shutdown()
+
+
+def http_client(url: str, body: bytes, requests_n: int):
+    """One client, one request at a time -> (latencies s, errors, batch sizes, Server-Timing splits)."""
+    import requests
+
+    lat, errors, sizes, stages = [], 0, [], []
+    with requests.Session() as s:
+        for _ in range(requests_n):
+            t = time.perf_counter()
+            r = s.post(url, params={"patch_size": 4}, data=body, timeout=300,
+                       headers={"Content-Type": "application/x-npz", "X-Timing": "1"})  # fmt: skip
+            lat.append(time.perf_counter() - t)
+            if r.status_code != 200:
+                errors += 1
+            else:
+                sizes.append(int(r.headers["x-batch-size"]))
+                stages.append(parse_server_timing(r.headers.get("server-timing", ""), lat[-1] * 1000))
+    return lat, errors, sizes, stages
+
+
+def handle_client(handle, x: np.ndarray, requests_n: int) -> list[float]:
+    """The same requests through the handle ingress (serve/app.py embed_arrays) -> latencies in s."""
+    lat = []
+    for _ in range(requests_n):
+        t = time.perf_counter()
+        handle.embed_arrays.remote({"sentinel2_l2a": x}, np.array([5, 6]), 4).result()
+        lat.append(time.perf_counter() - t)
+    return lat
+
+
+class BareForward:
+    """What the endpoint's requests cost without HTTP / Serve: decode + validate + forward in this process,
+    same model and torch threads; timed before and after the clients, since other load drifts."""
+
+    def __init__(self, args, bodies: list[bytes]):
+        from serve.embedder import Embedder
+        from serve.inputs import Limits, parse_npz
+
+        self.parse = lambda b: parse_npz(b, 4, Limits())
+        self.embedder = Embedder(args.model, num_threads=args.threads)
+        self.bodies, self.n = bodies, 16 * args.requests
+        self.embedder.embed(self.parse(bodies[0]).x, np.array([[5, 6]]), 4)  # warm-up
+
+    def run(self, per: int) -> float:
+        """Seconds for all the requests in batches of `per`."""
+        t = time.perf_counter()
+        for i in range(0, self.n, per):
+            inps = [self.parse(self.bodies[(i + k) % 16]) for k in range(min(per, self.n - i))]
+            x = {"sentinel2_l2a": np.concatenate([a.x["sentinel2_l2a"] for a in inps])}
+            self.embedder.embed(x, np.concatenate([a.months for a in inps]), 4)
+        return time.perf_counter() - t
+
+
+def parse_server_timing(header: str, client_ms: float) -> dict:
+    """The endpoint's Server-Timing (serve/app.py: body, decode, queue, forward, encode, replica; ms) plus
+    `proxy`: the client's latency outside the replica (HTTP client, Serve's proxy, the hop to the replica)."""
+    out = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if dur:
+            out[name] = float(dur)
+    if "replica" in out:
+        out["proxy"] = client_ms - out["replica"]
+    return out
+
+
+def print_time_split(stages: list[dict]) -> None:
+    """Where a request's wall time went, mean and p99 per stage across the timed requests."""
+    for name in ("proxy", "body", "decode", "queue", "forward", "encode", "replica"):
+        v = [st[name] for st in stages if name in st]
+        if v:
+            print(f"endpoint_time_{name}: {np.mean(v):.2f} ms (p99 {np.percentile(v, 99):.2f} ms)")
 
 
 def main() -> int:
@@ -190,6 +251,8 @@ def main() -> int:
     # 1 thread: on a loaded machine more OpenMP threads per forward contend for the same cores
     ap.add_argument("--threads", type=int, default=1, help="torch threads per encoder, both sides")
     ap.add_argument("--requests", type=int, default=20, help="requests per client")
+    # ~10-20% of a batch forward here (200-400 ms for 8 requests): batches fill, the wait costs little
+    ap.add_argument("--wait", type=float, default=0.04, help="endpoint batch_wait_timeout_s")
     ap.add_argument("--model", default="random:nano")
     ap.add_argument("--skip_area", action="store_true")
     ap.add_argument("--skip_endpoint", action="store_true")

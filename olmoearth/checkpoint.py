@@ -6,6 +6,8 @@ reader for both:
 
     olmoearth-encoder/1   the encoder alone (what serving, evaluation and the area job need)
     olmoearth-model/1     the whole LatentMIM: encoder, decoder and the frozen target projection
+    olmoearth-finetuned/1 a FineTunedModel (olmoearth/finetuned.py): encoder + head, its TaskSpec (kind,
+                          class names, head, patch size, ...) in the metadata under "task"
 
     save_encoder(model.encoder, "enc.safetensors", extra_meta={"step": 1000})
     encoder = load_encoder("enc.safetensors")    # or the file's bytes; a whole-model file gives its encoder
@@ -26,6 +28,8 @@ from olmoearth.modalities import MODALITIES, NormStats
 
 FORMAT = "olmoearth-encoder/1"
 MODEL_FORMAT = "olmoearth-model/1"
+FINETUNED_FORMAT = "olmoearth-finetuned/1"
+FORMATS = (FORMAT, MODEL_FORMAT, FINETUNED_FORMAT)
 
 # A pretraining checkpoint folder (one per saved step): the DeepSpeed checkpoint under tag DS_TAG, the
 # training state (step, config, metrics history) and, in the final one, a reference batch with the
@@ -51,9 +55,11 @@ def modality_registry() -> dict:
 # Writing
 
 
-def write_file(fmt: str, module: torch.nn.Module, encoder, path: str, extra_meta: dict | None, fs=None) -> None:
-    """The one writer: `module`'s weights + `encoder`'s config and norm stats as a `fmt` file at `path`
-    (local: written aside and renamed, so a reader never sees half a file; or through fsspec `fs`)."""
+def write_file(fmt: str, module: torch.nn.Module, encoder, path: str, extra_meta: dict | None, fs=None,
+               task: dict | None = None) -> None:
+    """The one writer: `module`'s weights + `encoder`'s config and norm stats (+ a fine-tuned model's `task`)
+    as a `fmt` file at `path` (local: written aside and renamed, so a reader never sees half a file; or
+    through fsspec `fs`)."""
     from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
@@ -64,6 +70,8 @@ def write_file(fmt: str, module: torch.nn.Module, encoder, path: str, extra_meta
         "modalities": json.dumps(modality_registry()),
         "extra": json.dumps(extra_meta or {}),
     }
+    if task is not None:
+        meta["task"] = json.dumps(task)
     data = save(tensors, metadata=meta)
     if fs is not None:
         with fs.open(path, "wb") as fh:
@@ -86,6 +94,11 @@ def save_model(model, path: str, extra_meta: dict | None = None, fs=None) -> Non
     write_file(MODEL_FORMAT, model, model.encoder, path, extra_meta, fs)
 
 
+def save_finetuned(model, path: str, extra_meta: dict | None = None, fs=None) -> None:
+    """Write a FineTunedModel (encoder + head + its TaskSpec) to one safetensors file."""
+    write_file(FINETUNED_FORMAT, model, model.encoder, path, extra_meta, fs, task=model.task.to_dict())
+
+
 # --------------------------------------------------------------------------------------------------
 # Reading
 
@@ -103,8 +116,9 @@ def read_metadata(data: bytes, name: str = "<bytes>") -> dict:
 
 
 def load_file(data: bytes, name: str = "<bytes>"):
-    """The module of a model file's bytes: an Encoder (olmoearth-encoder/1) or a LatentMIM (olmoearth-model/1),
-    in eval mode, its encoder carrying the file's config, norm stats and extra facts."""
+    """The module of a model file's bytes: an Encoder (olmoearth-encoder/1), a LatentMIM (olmoearth-model/1)
+    or a FineTunedModel (olmoearth-finetuned/1), in eval mode, its encoder carrying the file's config, norm
+    stats and extra facts."""
     from safetensors.torch import load
 
     from olmoearth.encoder import Encoder
@@ -112,21 +126,35 @@ def load_file(data: bytes, name: str = "<bytes>"):
 
     meta = read_metadata(data, name)
     fmt = meta.get("format")
-    if fmt not in (FORMAT, MODEL_FORMAT):
-        raise CheckpointError(f"{name}: unknown checkpoint format {fmt!r} (expected {MODEL_FORMAT!r}, "
-                              f"{FORMAT!r} or an original folder)")
+    if fmt not in FORMATS:
+        raise CheckpointError(f"{name}: unknown checkpoint format {fmt!r} (expected one of {FORMATS} "
+                              "or an original folder)")
     if json.loads(meta.get("modalities", "null")) != modality_registry():
         raise CheckpointError(f"{name}: saved with a different modality registry than this code's")
     config = ModelConfig.from_dict(json.loads(meta["config"]))
     norm_stats = NormStats.from_dict(json.loads(meta["norm_stats"]))
     if fmt == FORMAT:
         module = Encoder(config, norm_stats)
-    else:
+    elif fmt == MODEL_FORMAT:
         module = LatentMIM(config, norm_stats)
+    else:
+        module = _finetuned_module(Encoder(config, norm_stats), meta, name)
     load_weights(module, load(data), name)
     encoder = module if fmt == FORMAT else module.encoder
     encoder.checkpoint_meta = json.loads(meta.get("extra", "{}"))
     return module.eval()
+
+
+def _finetuned_module(encoder, meta: dict, name: str):
+    from olmoearth.finetuned import FineTunedModel, TaskSpec
+
+    if "task" not in meta:
+        raise CheckpointError(f"{name}: a {FINETUNED_FORMAT} file without its 'task' metadata")
+    try:
+        task = TaskSpec.from_dict(json.loads(meta["task"]))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{name}: bad 'task' metadata: {e}") from None
+    return FineTunedModel(encoder, task)
 
 
 def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], name: str) -> None:

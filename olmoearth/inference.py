@@ -8,6 +8,8 @@
     out.pooled:  (B, D)            mean of all visible tokens (the original's classification pooling)
     out.projected: (B, D)          project_and_aggregate (Linear of pooled), as the GEE embedding job
     out.tokens: {m: (B, h, w, T, S, D)}, out.mask: {m: (B, h, w, T, S)}
+
+`pool_patches` is the per-patch pooling alone, with gradients (olmoearth/finetuned.py trains through it).
 """
 
 from __future__ import annotations
@@ -77,13 +79,19 @@ def encode(encoder, x: dict, months, patch_size: int = 4) -> Embeddings:
         out = encoder(xs, months_t, masks, int(patch_size))
     finally:
         encoder.train(was_training)
+    return Embeddings(pool_patches(out.tokens, masks), out.pooled, out.projected, out.tokens, masks)
+
+
+def pool_patches(tokens: dict, masks: dict) -> torch.Tensor:
+    """Per-patch features of an encoder output, differentiable (encode and the fine-tuned model share it):
+    tokens {m: (B, h, w, T, S, D)}, masks {m: (B, h, w, T, S)} -> (B, h, w, D), the mean over timesteps and
+    bandsets of each modality's visible tokens, then the mean across the modalities with any at the patch."""
     sums, counts = 0, 0
-    for name, tok in out.tokens.items():  # (B, h, w, T, S, D)
-        vis = (masks[name] == ENCODER).float()[..., None]
+    for name, tok in tokens.items():  # (B, h, w, T, S, D)
+        vis = (masks[name] == ENCODER).to(tok.dtype)[..., None]
         s = (tok * vis).sum(dim=(3, 4))  # (B, h, w, D)
         n = vis.sum(dim=(3, 4))  # (B, h, w, 1)
-        has = (n > 0).float()
+        has = (n > 0).to(tok.dtype)
         sums = sums + s / n.clamp(min=1)  # per-modality mean over time and bandsets
         counts = counts + has
-    patches = sums / counts.clamp(min=1)  # mean across modalities with data at the patch
-    return Embeddings(patches, out.pooled, out.projected, out.tokens, masks)
+    return sums / counts.clamp(min=1)  # mean across modalities with data at the patch

@@ -1,4 +1,5 @@
-"""The online embedding endpoint: a Ray Serve application with one encoder deployment behind FastAPI.
+"""The online endpoint: a Ray Serve application with one model deployment (an encoder, or a fine-tuned model)
+behind FastAPI.
 
     POST /embed?patch_size=4&output=patches|pooled&format=npy|npz|tif
         body .npz (Content-Type application/x-npz or application/octet-stream): arrays named by modality,
@@ -8,12 +9,20 @@
         body image/tiff with ?modality=NAME: one GeoTIFF
       -> .npy (default for arrays), .npz {"embeddings"}, or GeoTIFF (default for GeoTIFF input with
          output=patches) with one band per embedding dimension, the input's CRS, and pixels of p x 10 m.
-      Header X-Batch-Size: how many requests shared the encoder forward that answered this one.
-    GET /info (model size, modalities and bands, embedding dim, limits)
-    GET /healthz: a deployment of its own (`HealthDeployment`), so that it answers whatever the encoder's load
+      Header X-Batch-Size: how many requests shared the encoder forward that answered this one. With the request
+      header X-Timing: 1 the answer carries Server-Timing: ms spent reading the body, decoding, queued (batch
+      window included), in the forward, encoding the answer, and in the replica in all.
+    POST /predict?output=class|probs|labels|value&format=npy|npz|tif  (a fine-tuned model file only)
+        the same bodies -> the fine-tuned model's class ids, probabilities, labels or values
+        (serve/predictions.py); /embed keeps embedding with the same file's encoder
+    GET /info (model size, modalities and bands, embedding dim, limits; the task of a fine-tuned model)
+    GET /healthz[?ready=1]: liveness, or readiness (200 only once a model replica is loaded), from a deployment
+        of its own (serve/health.py), so that it answers whatever the model's load
 
 Requests go through `@serve.batch`: those of equal shape (modalities, H, W, T) and patch size within one
-batch window are concatenated and run in forwards of at most `forward_tokens` tokens. Bad requests get a
+batch window are concatenated and run in forwards of at most `forward_tokens` tokens, each forward of samples
+with one visible-token count, so no forward pads and an answer has the same bytes whatever shared its forward.
+Batch clients inside the cluster may skip HTTP: the handle method `embed_arrays` takes numpy arrays. Bad requests get a
 4xx JSON {"error", "field"}. Hostile input is bounded before it costs anything: the body is read as a
 stream under a size limit and two timeouts, every declared size (zip members, .npy headers, GeoTIFF
 headers, the encoder tokens) is checked before decoding, decoding runs off the event loop, and a request
@@ -21,25 +30,33 @@ whose client left or whose deadline passed is dropped between forwards. Optional
 """
 
 import asyncio
-import email.parser
-import email.policy
 import hashlib
 import hmac
 import io
 import logging
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
-from starlette.requests import ClientDisconnect
 
-from serve.inputs import BadRequest, EmbedInput, Limits, parse_geotiffs, parse_npz, parse_patch_size
+from serve.health import health_builder, health_prefix  # noqa: F401 - configs/serve.yaml: serve.app:health_builder
+from serve.inputs import (
+    NPZ_TYPES,
+    TIFF_TYPES,
+    BadRequest,
+    EmbedInput,
+    Limits,
+    parse_geotiffs,
+    parse_multipart,  # noqa: F401 - where the tests (and users) found it before
+    parse_npz,
+    parse_patch_size,
+    read_body,
+)
 
 log = logging.getLogger(__name__)
 TOKEN_ENV = "OLMOEARTH_SERVE_TOKEN"  # the bearer token, when the config gives none
@@ -49,7 +66,8 @@ TOKEN_ENV = "OLMOEARTH_SERVE_TOKEN"  # the bearer token, when the config gives n
 class ServeConfig:
     """The endpoint: model, batching, autoscaling, request limits and access."""
 
-    # any source olmoearth.load takes: exported .safetensors, checkpoint folder, random:<size>[:<seed>]
+    # any source olmoearth.load takes: exported .safetensors, checkpoint folder, random:<size>[:<seed>]; a
+    # fine-tuned model file (olmoearth export of a fine-tuning run) also answers /predict
     model_uri: str = "random:nano"
     host: str = "127.0.0.1"  # HTTP address Serve listens on
     port: int = 8000  # HTTP port
@@ -89,71 +107,9 @@ class ServeConfig:
                       self.max_decoded_mb, self.max_parts)  # fmt: skip
 
 
-NPZ_TYPES = ("application/x-npz", "application/npz", "application/octet-stream", "application/zip")
-TIFF_TYPES = ("image/tiff", "image/geotiff", "application/geotiff")
 QUERY = {"patch_size", "output", "format", "months", "modality"}
 
 api = FastAPI(title="OlmoEarth embeddings", version="1")
-
-
-def parse_multipart(body: bytes, content_type: str, max_parts: int = 8) -> tuple[dict[str, bytes], dict[str, str]]:
-    """multipart/form-data -> (files {field: bytes}, text fields {field: str}) with the stdlib MIME parser;
-    the parts are counted (one C-level scan) before any is parsed."""
-    m = re.search(r'boundary="?([^";]+)"?', content_type)
-    if not m:
-        raise BadRequest("Content-Type", "multipart/form-data without a boundary")
-    parts = body.count(b"--" + m.group(1).encode("latin-1")) - 1
-    if parts > max_parts:
-        raise BadRequest("body", f"{parts} multipart parts, at most {max_parts}", status=413)
-    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
-    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-    if not msg.is_multipart():
-        raise BadRequest("body", "malformed multipart/form-data body")
-    files, fields = {}, {}
-    for part in msg.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not name:
-            raise BadRequest("body", "multipart part without a field name")
-        data = part.get_payload(decode=True) or b""
-        if part.get_filename() is not None or part.get_content_type() in TIFF_TYPES + NPZ_TYPES:
-            if name in files:
-                raise BadRequest(name, "given twice")
-            files[name] = data
-        else:
-            fields[name] = data.decode(errors="replace")
-    return files, fields
-
-
-async def read_body(request: Request, limit: int, total_s: float, idle_s: float) -> bytes:
-    """The request body, read as it streams in: 413 as soon as it passes `limit` bytes (declared or sent),
-    408 if it takes over `total_s` or pauses over `idle_s` (a slow sender frees its request slot)."""
-    length = request.headers.get("content-length")
-    mb = f"{limit / 2**20:g} MB"
-    if length is not None and (not length.isdigit() or len(length) > 15):
-        raise BadRequest("Content-Length", "must be a number of bytes")
-    if length is not None and int(length) > limit:
-        raise BadRequest("body", f"request body over {mb}", status=413)
-    loop = asyncio.get_running_loop()
-    end, chunks, n = loop.time() + total_s, [], 0
-    stream = request.stream().__aiter__()
-    while True:
-        wait = min(idle_s, end - loop.time())
-        try:
-            if wait <= 0:
-                raise TimeoutError
-            chunk = await asyncio.wait_for(stream.__anext__(), wait)
-        except StopAsyncIteration:
-            break
-        except TimeoutError:
-            raise BadRequest("body", f"not received in time (body_timeout_s {total_s:g}, body_idle_s {idle_s:g})",
-                             status=408) from None  # fmt: skip
-        except ClientDisconnect:
-            raise BadRequest("body", "client disconnected before the body ended") from None
-        n += len(chunk)
-        if n > limit:
-            raise BadRequest("body", f"request body over {mb}", status=413)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 @dataclass
@@ -163,6 +119,9 @@ class Ticket:
 
     deadline: float  # time.monotonic()
     cancelled: bool = False
+    # time.perf_counter() when each stage of the request ended (start, body, decode, forward_start, forward_end,
+    # encode): the X-Timing answer header (serve/timing.py)
+    marks: dict = field(default_factory=dict)
 
     def live(self) -> bool:
         return not self.cancelled and time.monotonic() < self.deadline
@@ -172,9 +131,38 @@ class Dropped(Exception):  # noqa: N818 - a request's result when its samples we
     pass
 
 
+def forward_runs(order: list[tuple[int, int]], visible: list, k: int) -> list[list[tuple[int, int]]]:
+    """Cut the samples (request i, sample j) of one shape into forwards of at most k samples, each of one
+    visible-token count (visible[i][j]; None: not counted, all alike): a forward then never pads, and the
+    encoder's path (no key mask) and bytes are those of each sample alone. Equal counts stay in arrival order."""
+    def count(ij):
+        v = visible[ij[0]]
+        return -1 if v is None else int(v[ij[1]])
+
+    runs: list[list[tuple[int, int]]] = []
+    for ij in sorted(order, key=count):  # stable
+        if not runs or len(runs[-1]) == k or count(runs[-1][0]) != count(ij):
+            runs.append([])
+        runs[-1].append(ij)
+    return runs
+
+
 def error(e: BadRequest) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
     return JSONResponse(e.to_json(), status_code=e.status, headers=headers)
+
+
+TIMING_STAGES = (("body", "start", "body"), ("decode", "body", "decode"), ("queue", "decode", "forward_start"),
+                 ("forward", "forward_start", "forward_end"), ("encode", "forward_end", "encode"),
+                 ("replica", "start", "encode"))  # fmt: skip
+
+
+def server_timing(marks: dict) -> str:
+    """Stage marks (perf_counter seconds) -> a Server-Timing header value, ms per stage that ran:
+    "body;dur=0.41, decode;dur=1.20, queue;dur=9.8, forward;dur=20.1, encode;dur=0.3, replica;dur=31.8";
+    queue includes the batch window, forward the whole batch's forward(s) this request was part of."""
+    return ", ".join(f"{name};dur={(marks[b] - marks[a]) * 1000:.3f}" for name, a, b in TIMING_STAGES
+                     if a in marks and b in marks)  # fmt: skip
 
 
 def token_digest(token: str) -> bytes:
@@ -198,16 +186,16 @@ class EncoderDeployment:
 
     # ---- batched forward ---------------------------------------------------------------------------------
 
-    def _forward(self, items: list[tuple[EmbedInput, int, Ticket]]) -> list:
-        """Group compatible requests, each group in forwards of at most forward_tokens; a failing group fails
-        only its requests."""
+    def _forward(self, items: list[tuple[EmbedInput, int, Ticket, str]]) -> list:
+        """Group compatible requests (same shape, patch size and route), each group in forwards of at most
+        forward_tokens; a failing group fails only its requests."""
         results: list = [None] * len(items)
         groups: dict[tuple, list[int]] = {}
-        for i, (inp, p, _) in enumerate(items):
-            groups.setdefault((inp.shape_key, p), []).append(i)
-        for (_, p), idx in groups.items():
+        for i, (inp, p, _, route) in enumerate(items):
+            groups.setdefault((inp.shape_key, p, route), []).append(i)
+        for (_, p, route), idx in groups.items():
             try:
-                for i, r in self._forward_group([items[i] for i in idx], p).items():
+                for i, r in self._forward_group([items[i] for i in idx], p, route).items():
                     results[idx[i]] = r
             except Exception as e:  # noqa: BLE001 - reported to each caller, the replica keeps serving
                 log.exception("encoder forward failed")
@@ -215,32 +203,42 @@ class EncoderDeployment:
                     results[i] = e
         return results
 
-    def _forward_group(self, group: list[tuple[EmbedInput, int, Ticket]], p: int) -> dict[int, object]:
+    def _forward_group(self, group: list[tuple[EmbedInput, int, Ticket, str]], p: int, route: str) -> dict[int, object]:
         """Requests of one shape: their samples in runs of k = forward_tokens // tokens per sample, each
-        run's dropped requests left out -> {index in group: (patches, pooled, requests in group) | Dropped}."""
+        run's dropped requests left out -> {index in group: ({name: (B, ...) array}, requests in group) |
+        Dropped}; names: patches, pooled (/embed) or the task's outputs (/predict)."""
         k = max(1, self.cfg.forward_tokens // group[0][0].tokens_per_sample(p))
-        order = [(i, j) for i, (inp, _, _) in enumerate(group) for j in range(inp.batch)]
-        parts: dict[int, list] = {i: [] for i in range(len(group))}
-        for s in range(0, len(order), k):
-            run = [(i, j) for i, j in order[s : s + k] if group[i][2].live()]
+        order = [(i, j) for i, (inp, *_) in enumerate(group) for j in range(inp.batch)]
+        parts: dict[int, dict[int, dict]] = {i: {} for i in range(len(group))}  # request -> sample -> result
+        for run in forward_runs(order, [inp.visible for inp, *_ in group], k):
+            run = [(i, j) for i, j in run if group[i][2].live()]
             if not run:
                 continue
+            t_run = time.perf_counter()
+            for i, _ in run:
+                group[i][2].marks.setdefault("forward_start", t_run)
             mods = group[run[0][0]][0].x
             x = {m: np.stack([group[i][0].x[m][j] for i, j in run]) for m in mods}
             months = np.stack([group[i][0].months[j] for i, j in run])
-            patches, pooled = self.embedder.embed(x, months, p)
-            for r, (i, _) in enumerate(run):
-                parts[i].append((patches[r], pooled[r]))
+            if route == "predict":
+                res = self.embedder.predict(x, months)
+            else:
+                res = dict(zip(("patches", "pooled"), self.embedder.embed(x, months, p), strict=True))
+            t_done = time.perf_counter()
+            for r, (i, j) in enumerate(run):
+                parts[i][j] = {name: a[r] for name, a in res.items()}
+                group[i][2].marks["forward_end"] = t_done
         out = {}
-        for i, (inp, _, _) in enumerate(group):
+        for i, (inp, *_) in enumerate(group):
             if len(parts[i]) < inp.batch:
                 out[i] = Dropped()
             else:
-                out[i] = (np.stack([a for a, _ in parts[i]]), np.stack([b for _, b in parts[i]]), len(group))
+                got = [parts[i][j] for j in range(inp.batch)]
+                out[i] = ({name: np.stack([d[name] for d in got]) for name in got[0]}, len(group))
         return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=2)
-    async def embed_batch(self, items: list[tuple[EmbedInput, int, Ticket]]) -> list:
+    async def embed_batch(self, items: list[tuple[EmbedInput, int, Ticket, str]]) -> list:
         return await asyncio.get_running_loop().run_in_executor(self.pool, self._forward, items)
 
     # ---- routes ------------------------------------------------------------------------------------------
@@ -271,12 +269,67 @@ class EncoderDeployment:
 
     @api.post("/embed")
     async def embed(self, request: Request) -> Response:
+        return await self._handle(request, "embed")
+
+    @api.post("/predict")
+    async def predict(self, request: Request) -> Response:
+        """A fine-tuned model's class ids / probabilities / values (serve/predictions.py)."""
+        return await self._handle(request, "predict")
+
+    async def embed_arrays(self, x: dict, months=None, patch_size: int | None = None,
+                           output: str = "patches") -> np.ndarray:
+        """The handle ingress, for batch clients inside the cluster (a Ray job, the area job): no HTTP, no
+        body to encode or decode, the same validation and batching as /embed, so the same values:
+            serve.get_app_handle(name).embed_arrays.remote({"sentinel2_l2a": x}, months, 4).result()
+        x {m: (B, H, W, T, C)} raw units, NaN missing; months (B, T) | (T,) | None -> patches (B, H/p, W/p, D)
+        or pooled (B, D). Raises BadRequest (bad input), TimeoutError (past request_timeout_s) or RuntimeError.
+        Needs no token: a caller that reaches the handle is already inside the cluster."""
+        from serve.inputs import validate
+
         ticket = Ticket(time.monotonic() + self.cfg.request_timeout_s)
+        p = parse_patch_size(patch_size, self.cfg.default_patch_size)
+        if output not in ("patches", "pooled"):
+            raise BadRequest("output", f"must be 'patches' or 'pooled', got {str(output)[:40]!r}")
+        if not isinstance(x, dict) or not all(isinstance(a, np.ndarray) for a in x.values()):
+            raise BadRequest("x", "must be a dict {modality: numpy array (B, H, W, T, C)}")
+        xs, mo = await asyncio.to_thread(validate, x, months, p, self.limits)
+        inp = EmbedInput(xs, mo, fields=sorted(xs)).with_visible(p)
+        try:
+            result = await asyncio.wait_for(self.embed_batch((inp, p, ticket, "embed")), self.cfg.request_timeout_s)
+        except TimeoutError:
+            result = Dropped()
+        finally:
+            ticket.cancelled = True
+        if isinstance(result, Dropped):
+            raise TimeoutError(f"not answered within {self.cfg.request_timeout_s:g} s")
+        if isinstance(result, Exception):
+            raise RuntimeError("internal error while encoding") from result
+        return result[0][output]
+
+    def check_health(self) -> None:
+        """Serve's periodic replica health check (a failing replica is restarted; /healthz reports it)."""
+        if self.embedder is None or self.embedder.encoder is None:
+            raise RuntimeError("model not loaded")
+
+    async def _handle(self, request: Request, route: str) -> Response:
+        """The request's answer; with the request header `X-Timing: 1` it carries `Server-Timing` (where the
+        replica's time went: body, decode, queue, forward, encode; bench/serve.py splits latency with it)."""
+        ticket = Ticket(time.monotonic() + self.cfg.request_timeout_s, marks={"start": time.perf_counter()})
+        response = await self._respond(request, route, ticket)
+        if request.headers.get("x-timing"):
+            ticket.marks["encode"] = time.perf_counter()
+            response.headers["Server-Timing"] = server_timing(ticket.marks)
+        return response
+
+    async def _respond(self, request: Request, route: str, ticket: Ticket) -> Response:
         try:
             self._authorize(request)
-            inp, p, output, fmt = await self._parse(request)
+            if route == "predict" and self.embedder.task is None:
+                raise BadRequest("route", "this endpoint serves an encoder: /predict needs a fine-tuned model "
+                                          "file (olmoearth export of a fine-tuning run)", status=404)  # fmt: skip
+            inp, p, output, fmt = await self._parse(request, route, ticket.marks)
             left = ticket.deadline - time.monotonic()
-            result = await asyncio.wait_for(self.embed_batch((inp, p, ticket)), max(left, 0.001))
+            result = await asyncio.wait_for(self.embed_batch((inp, p, ticket, route)), max(left, 0.001))
         except BadRequest as e:
             return error(e)
         except TimeoutError:
@@ -290,12 +343,17 @@ class EncoderDeployment:
                                  "field": None}, status_code=503)  # fmt: skip
         if isinstance(result, Exception):  # inputs were validated: a failure here is the server's
             return JSONResponse({"error": "internal error while encoding", "field": None}, status_code=500)
+        if route == "predict":
+            from serve.predictions import answer
+
+            return answer(self.embedder.task, inp, output, fmt, *result)
         return self._answer(inp, p, output, fmt, result)
 
     def _answer(self, inp: EmbedInput, p: int, output: str, fmt: str, result: tuple) -> Response:
-        patches, pooled, batch_size = result
+        arrays, batch_size = result
+        patches = arrays["patches"]
         headers = {"X-Batch-Size": str(batch_size), "X-Patch-Size": str(p)}
-        emb = patches if output == "patches" else pooled
+        emb = patches if output == "patches" else arrays["pooled"]
         if fmt == "tif":
             from serve.mapping.geo import write_geotiff_bytes
 
@@ -312,15 +370,16 @@ class EncoderDeployment:
         np.save(buf, emb)
         return Response(buf.getvalue(), media_type="application/x-npy", headers=headers)
 
-    async def _parse(self, request: Request) -> tuple[EmbedInput, int, str, str]:
+    async def _parse(self, request: Request, route: str, marks: dict) -> tuple[EmbedInput, int, str, str]:
+        """-> (validated input, patch size, output, format); the query first, then the body. `marks` gets the
+        times the body was read and decoded."""
+        from serve import predictions
+
         q = request.query_params
-        unknown = sorted(set(q) - QUERY)
-        if unknown:
-            raise BadRequest(unknown[0][:40], f"unknown query parameter; known: {', '.join(sorted(QUERY))}")
-        p = parse_patch_size(q.get("patch_size"), self.cfg.default_patch_size)
-        output = q.get("output", "patches")
-        if output not in ("patches", "pooled"):
-            raise BadRequest("output", f"must be 'patches' or 'pooled', got {output[:40]!r}")
+        if route == "predict":
+            p, output = predictions.parse_query(self.embedder.task, q)
+        else:
+            p, output = self._embed_query(q)
         ctype = request.headers.get("content-type", "")
         base = ctype.split(";")[0].strip().lower()
         if not (base == "multipart/form-data" or base in NPZ_TYPES or base in TIFF_TYPES):
@@ -330,13 +389,27 @@ class EncoderDeployment:
         body = await read_body(request, int(c.max_body_mb * 2**20), c.body_timeout_s, c.body_idle_s)
         if not body:
             raise BadRequest("body", "empty request body")
-        inp = await asyncio.to_thread(self._decode, base, ctype, body, dict(q), p)
+        marks["body"] = time.perf_counter()
+        inp = await asyncio.to_thread(lambda: self._decode(base, ctype, body, dict(q), p).with_visible(p))
+        marks["decode"] = time.perf_counter()
+        if route == "predict":
+            return inp, p, output, predictions.check_input(self.embedder.task, inp, output, q.get("format"))
         fmt = q.get("format") or ("tif" if inp.georef is not None and output == "patches" else "npy")
         if fmt not in ("npy", "npz", "tif"):
             raise BadRequest("format", f"must be npy, npz or tif, got {fmt[:40]!r}")
         if fmt == "tif" and (inp.georef is None or output != "patches"):
             raise BadRequest("format", "tif output needs GeoTIFF input and output=patches")
         return inp, p, output, fmt
+
+    def _embed_query(self, q) -> tuple[int, str]:
+        unknown = sorted(set(q) - QUERY)
+        if unknown:
+            raise BadRequest(unknown[0][:40], f"unknown query parameter; known: {', '.join(sorted(QUERY))}")
+        p = parse_patch_size(q.get("patch_size"), self.cfg.default_patch_size)
+        output = q.get("output", "patches")
+        if output not in ("patches", "pooled"):
+            raise BadRequest("output", f"must be 'patches' or 'pooled', got {output[:40]!r}")
+        return p, output
 
     def _decode(self, base: str, ctype: str, body: bytes, q: dict, p: int) -> EmbedInput:
         """The body -> validated model input, in a worker thread (never on the event loop)."""
@@ -350,7 +423,8 @@ class EncoderDeployment:
             if base in TIFF_TYPES:
                 modality = q.get("modality")
                 if not modality:
-                    raise BadRequest("modality", "required with a single image/tiff body (e.g. ?modality=sentinel2_l2a)")
+                    raise BadRequest("modality", "required with a single image/tiff body "
+                                                 "(e.g. ?modality=sentinel2_l2a)")  # fmt: skip
                 return parse_geotiffs({modality: body}, p, self.limits, q.get("months"))
             return parse_npz(body, p, self.limits, q.get("months"))
         except BadRequest:
@@ -358,20 +432,6 @@ class EncoderDeployment:
         except Exception:  # a parser failing on hostile input: the input's fault, told without internals
             log.warning("undecodable request body", exc_info=True)
             raise BadRequest("body", "could not be decoded") from None
-
-
-@serve.deployment(name="OlmoEarthHealth", num_replicas=1, max_ongoing_requests=256,
-                  ray_actor_options={"num_cpus": 0})  # fmt: skip
-class HealthDeployment:
-    """GET <prefix>healthz, a deployment of its own: its slots are not the encoder's, so slow uploads or long
-    forwards that hold every encoder slot do not make it time out. The encoder replicas' own liveness is
-    Serve's replica health check (the controller restarts a replica that fails it)."""
-
-    def __init__(self, app_name: str = "olmoearth"):
-        self.app, self.started = app_name, time.time()
-
-    async def __call__(self, request: Request) -> dict:
-        return {"status": "ok", "application": self.app, "uptime_s": round(time.time() - self.started, 1)}
 
 
 def build_app(cfg: ServeConfig):
@@ -392,22 +452,12 @@ def build_app(cfg: ServeConfig):
     ).bind(cfg)  # fmt: skip
 
 
-def health_prefix(route_prefix: str) -> str:
-    return route_prefix.rstrip("/") + "/healthz"
-
-
 def app_builder(args: dict):
     """Entry for `serve run serve.app:app_builder` / a Serve config YAML (configs/serve.yaml): args are
     ServeConfig fields."""
     from pipelines.common.config import from_dict
 
     return build_app(from_dict(ServeConfig, dict(args or {})))
-
-
-def health_builder(args: dict | None = None):
-    """Entry of the health application (configs/serve.yaml deploys it at <route_prefix>healthz); args:
-    `app_name`, the encoder application it reports on."""
-    return HealthDeployment.bind(**dict(args or {}))
 
 
 def run(cfg: ServeConfig, blocking: bool = False):
@@ -421,7 +471,8 @@ def run(cfg: ServeConfig, blocking: bool = False):
     logs = serve_logging_config()  # no access-log line per request unless OLMOEARTH_VERBOSE=1
     serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s + 30},
                 logging_config=logs)  # fmt: skip
-    serve.run(health_builder(), name=f"{cfg.name}-health", route_prefix=health_prefix(cfg.route_prefix),
+    serve.run(health_builder({"app_name": cfg.name}), name=f"{cfg.name}-health",
+              route_prefix=health_prefix(cfg.route_prefix),
               logging_config=logs)  # fmt: skip
     return serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=blocking,
                      logging_config=logs)  # fmt: skip

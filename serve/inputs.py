@@ -17,7 +17,11 @@ its header; only GeoTIFF is opened, see pipelines/imagery/geotiff.py), and the e
 
 from __future__ import annotations
 
+import asyncio
+import email.parser
+import email.policy
 import io
+import re
 import zipfile
 from dataclasses import dataclass, field
 
@@ -53,6 +57,7 @@ class EmbedInput:
     months: np.ndarray  # int64 (B, T)
     georef: Georef | None = None
     fields: list[str] = field(default_factory=list)
+    visible: np.ndarray | None = None  # int64 (B,): each sample's visible encoder tokens (set by with_visible)
 
     @property
     def batch(self) -> int:
@@ -65,6 +70,19 @@ class EmbedInput:
 
     def tokens_per_sample(self, patch_size: int) -> int:
         return tokens({m: a.shape[:4] for m, a in self.x.items()}, patch_size)[0]
+
+    def with_visible(self, patch_size: int) -> EmbedInput:
+        """Count each sample's visible tokens as the encoder will (a (patch, timestep, bandset) whose pixels
+        are all finite, olmoearth/inference.py `prepare`): the endpoint batches only samples of equal count, so
+        no forward pads and an answer has the same bytes whatever shared its forward."""
+        p, count = patch_size, 0
+        for name, a in self.x.items():
+            b, h, w, t, c = a.shape
+            finite = np.isfinite(a).reshape(b, h // p, p, w // p, p, t, c).all(axis=(2, 4))  # (B, h, w, T, C)
+            for sl in MODALITIES[name].bandset_slices():
+                count = count + finite[..., sl].all(-1).sum(axis=(1, 2, 3))  # (B,)
+        self.visible = np.asarray(count, dtype=np.int64)
+        return self
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,8 @@ class Limits:
     max_parts: int = 8  # .npz members / multipart parts per request
 
 
+NPZ_TYPES = ("application/x-npz", "application/npz", "application/octet-stream", "application/zip")
+TIFF_TYPES = ("image/tiff", "image/geotiff", "application/geotiff")
 NPY_KINDS = "biuf"  # bool, integers, floats: what an array of pixel values can be
 ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # what np.savez / savez_compressed write
 
@@ -344,3 +364,66 @@ def parse_geotiffs(files: dict[str, bytes], patch_size: int, limits: Limits, mon
         x[name] = arr.reshape(h, w, n // c, c)[None]  # (1, H, W, T, C)
     x, months = validate(x, months, patch_size, limits)
     return EmbedInput(x, months, georef=grid, fields=sorted(x))
+
+
+def parse_multipart(body: bytes, content_type: str, max_parts: int = 8) -> tuple[dict[str, bytes], dict[str, str]]:
+    """multipart/form-data -> (files {field: bytes}, text fields {field: str}) with the stdlib MIME parser;
+    the parts are counted (one C-level scan) before any is parsed."""
+    m = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not m:
+        raise BadRequest("Content-Type", "multipart/form-data without a boundary")
+    parts = body.count(b"--" + m.group(1).encode("latin-1")) - 1
+    if parts > max_parts:
+        raise BadRequest("body", f"{parts} multipart parts, at most {max_parts}", status=413)
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not msg.is_multipart():
+        raise BadRequest("body", "malformed multipart/form-data body")
+    files, fields = {}, {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            raise BadRequest("body", "multipart part without a field name")
+        data = part.get_payload(decode=True) or b""
+        if part.get_filename() is not None or part.get_content_type() in TIFF_TYPES + NPZ_TYPES:
+            if name in files:
+                raise BadRequest(name, "given twice")
+            files[name] = data
+        else:
+            fields[name] = data.decode(errors="replace")
+    return files, fields
+
+
+async def read_body(request, limit: int, total_s: float, idle_s: float) -> bytes:
+    """The request body, read as it streams in: 413 as soon as it passes `limit` bytes (declared or sent),
+    408 if it takes over `total_s` or pauses over `idle_s` (a slow sender frees its request slot).
+    `request`: a Starlette / FastAPI Request."""
+    from starlette.requests import ClientDisconnect
+
+    length = request.headers.get("content-length")
+    mb = f"{limit / 2**20:g} MB"
+    if length is not None and (not length.isdigit() or len(length) > 15):
+        raise BadRequest("Content-Length", "must be a number of bytes")
+    if length is not None and int(length) > limit:
+        raise BadRequest("body", f"request body over {mb}", status=413)
+    loop = asyncio.get_running_loop()
+    end, chunks, n = loop.time() + total_s, [], 0
+    stream = request.stream().__aiter__()
+    while True:
+        wait = min(idle_s, end - loop.time())
+        try:
+            if wait <= 0:
+                raise TimeoutError
+            chunk = await asyncio.wait_for(stream.__anext__(), wait)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise BadRequest("body", f"not received in time (body_timeout_s {total_s:g}, body_idle_s {idle_s:g})",
+                             status=408) from None  # fmt: skip
+        except ClientDisconnect:
+            raise BadRequest("body", "client disconnected before the body ended") from None
+        n += len(chunk)
+        if n > limit:
+            raise BadRequest("body", f"request body over {mb}", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)

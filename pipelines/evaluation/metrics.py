@@ -61,10 +61,24 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.nd
 
 def miou(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
     """Mean intersection-over-union over the classes present in truth or prediction."""
-    cm = confusion(y_true, y_pred, num_classes)
+    return miou_from_confusion(confusion(y_true, y_pred, num_classes))
+
+
+def miou_from_confusion(cm: np.ndarray) -> float:
+    """miou of a confusion matrix (rows truth, columns prediction), e.g. one summed over batches and ranks."""
     inter = np.diag(cm).astype(np.float64)
     union = cm.sum(0) + cm.sum(1) - np.diag(cm)
     present = union > 0
     if not present.any():
         raise ValueError("mIoU: no labelled pixel")
     return float(np.mean(inter[present] / union[present]))
+
+
+def macro_f1_from_confusion(cm: np.ndarray) -> float:
+    """Mean F1 over the classes present in truth or prediction; cm: (K, K) counts, rows = truth."""
+    tp = np.diag(cm).astype(np.float64)
+    denom = cm.sum(0) + cm.sum(1)  # 2 tp + fp + fn
+    present = denom > 0
+    if not present.any():
+        raise ValueError("macro F1: no labelled sample")
+    return float(np.mean(2 * tp[present] / denom[present]))

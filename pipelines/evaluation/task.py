@@ -7,6 +7,7 @@ and loads it on demand:
         x:      {modality: float32 (H, W, T, C)} raw units, registry band order, NaN where missing
         months: int64 (T,) month index 0..11
         label:  int (classification) | int64 (K,) 0/1 (multilabel) | int64 (H, W) class ids, -1 unlabelled
+                (segmentation) | float32 (K,) (regression) | float32 (K, H, W), NaN unlabelled (pixel_regression)
 Rows are plain data so that Ray Data can ship them to the embedding actors."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-KINDS = ("classification", "multilabel", "segmentation")
+KINDS = ("classification", "multilabel", "segmentation", "regression", "pixel_regression")
 SPLITS = ("train", "val", "test")
 
 
@@ -24,7 +25,7 @@ SPLITS = ("train", "val", "test")
 class TaskInfo:
     name: str
     kind: str
-    class_names: list[str] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)  # classes, or for regression the target names
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -36,7 +37,8 @@ class TaskInfo:
 
     @property
     def metric(self) -> str:
-        return {"classification": "accuracy", "multilabel": "micro_f1", "segmentation": "miou"}[self.kind]
+        return {"classification": "accuracy", "multilabel": "micro_f1", "segmentation": "miou",
+                "regression": "rmse", "pixel_regression": "rmse"}[self.kind]
 
 
 def assign_splits(groups: list[str], fractions: tuple[float, float, float], seed: int) -> dict[str, str]:

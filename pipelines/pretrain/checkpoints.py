@@ -21,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from olmoearth.checkpoint import STATE_FILE
+from olmoearth.checkpoint import DS_TAG, STATE_FILE
 from olmoearth.modalities import NormStats
 from pipelines.common.storage import Storage, is_s3, join, strip_scheme
 
@@ -222,10 +222,11 @@ def checkpoint_uri(checkpoint, run: str) -> str:
     return ("s3://" + checkpoint.path.lstrip("/")) if is_s3(run) else checkpoint.path
 
 
-def prune_checkpoints(storage: Storage, uri: str, keep: int) -> list[str]:
-    """Delete all but the newest `keep` checkpoints of a run across its trials. Returns the deleted URIs."""
+def prune_checkpoints(storage: Storage, uri: str, keep: int, protect: tuple[int, ...] = ()) -> list[str]:
+    """Delete all but the newest `keep` checkpoints of a run across its trials, and those taken at a step in
+    `protect` (a fine-tuning run's best epoch). Returns the deleted URIs."""
     found = list_checkpoints(storage, uri)
-    doomed = [path for _, path in found[:-keep]] if keep > 0 else []
+    doomed = [path for step, path in found[:-keep] if step not in protect] if keep > 0 else []
     fs = storage.fs(uri)
     for path in doomed:
         fs.rm(path, recursive=True)
@@ -239,3 +240,24 @@ def save_history(storage: Storage, uri: str, history: list[dict]) -> None:
     storage.write_text(join(uri, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in history))
     if history:
         storage.write_bytes(join(uri, "loss_curve.png"), loss_curve_png(history, title=os.path.basename(uri)))
+
+
+def restore_checkpoint(storage: Storage, run: str, engine, parse_state):
+    """Load the checkpoint Ray Train hands this worker into the DeepSpeed `engine`, or, if that one is
+    incomplete on storage now (a shard lost since it was reported), the run's newest complete one.
+    -> the training state parsed from its STATE_FILE by `parse_state(text)`, or None: nothing to resume."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    offered = checkpoint_uri(checkpoint, run)
+    uri = resume_checkpoint(storage, run, offered)
+    if uri is None:
+        return None
+    if uri != offered:
+        checkpoint = ray_checkpoint(storage, uri)
+    with checkpoint.as_directory() as d:
+        engine.load_checkpoint(d, tag=DS_TAG)
+        with open(os.path.join(d, STATE_FILE)) as fh:
+            return parse_state(fh.read())

@@ -19,12 +19,14 @@ from pipelines.pretrain.config import PretrainConfig, final_step, run_uri, valid
 from pipelines.pretrain.loop import Probe, train_loop
 from pipelines.pretrain.worker import check_init_from
 
+PROGRESS_KEYS = ("loss", "val_loss", "lr", "tokens_per_s")
 
-def _progress_callback(total: int, initial: int):
+
+def _progress_callback(total: int, initial: int, desc: str = "pretrain", keys: tuple[str, ...] = PROGRESS_KEYS):
     """A Ray Tune callback that moves a tqdm bar on the driver as workers report steps; its postfix shows
-    the latest training loss, validation loss, learning rate and token rate (each kept until a newer one
-    comes: validation is reported every train.val_every steps only). The bar is made on the driver at the
-    first result (the callback itself is pickled into the run's config)."""
+    the latest value of each of `keys` (pretraining: training loss, validation loss, learning rate and token
+    rate; each kept until a newer one comes: validation is reported every train.val_every steps only). The
+    bar is made on the driver at the first result (the callback itself is pickled into the run's config)."""
     from ray.tune import Callback
 
     class Progress(Callback):
@@ -38,10 +40,10 @@ def _progress_callback(total: int, initial: int):
             if self.bar is None:
                 from tqdm.auto import tqdm
 
-                self.bar = tqdm(total=total, initial=initial, desc="pretrain", unit="step")
+                self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step")
             step = int(result.get("step", self.bar.n))
             self.bar.update(max(0, step - self.bar.n))
-            for k in ("loss", "val_loss", "lr", "tokens_per_s"):
+            for k in keys:
                 if k in result:
                     self.postfix[k] = f"{result[k]:.4g}"
             self.bar.set_postfix(self.postfix, refresh=False)

@@ -30,14 +30,7 @@ from olmoearth.checkpoint import DS_TAG, REFERENCE_FILE, STATE_FILE
 from olmoearth.layout import DECODER, ENCODER, MISSING
 from olmoearth.modalities import MAX_PATCH_SIZE
 from pipelines.common.storage import Storage
-from pipelines.pretrain.checkpoints import (
-    TrainState,
-    checkpoint_uri,
-    ray_checkpoint,
-    resume_checkpoint,
-    save_history,
-    write_completeness,
-)
+from pipelines.pretrain.checkpoints import TrainState, restore_checkpoint, save_history, write_completeness
 from pipelines.pretrain.collective import all_reduce_mean, all_reduce_sum, epoch_iterator, gather_consumed
 from pipelines.pretrain.config import PretrainConfig, final_step, micro_batch_size, run_uri
 from pipelines.pretrain.engine import grad_accum_steps, resolve_precision
@@ -173,23 +166,11 @@ class TrainLoop:
                                    self.precision)  # fmt: skip
 
     def _restore(self) -> None:
-        """The latest checkpoint's weights, optimiser and training state, when Ray hands one over; if that
-        one is incomplete on storage now (a shard lost since it was reported), the run's newest complete one."""
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        """The latest complete checkpoint's weights, optimiser and training state, when Ray hands one over."""
+        state = restore_checkpoint(self.storage, self.out_uri, self.engine, TrainState.from_json)
+        if state is None:
             return
-        offered = checkpoint_uri(checkpoint, self.out_uri)
-        uri = resume_checkpoint(self.storage, self.out_uri, offered)
-        if uri is None:
-            return
-        if uri != offered:
-            checkpoint = ray_checkpoint(self.storage, uri)
-        with checkpoint.as_directory() as d:
-            self.engine.load_checkpoint(d, tag=DS_TAG)
-            with open(os.path.join(d, STATE_FILE)) as fh:
-                self.state = TrainState.from_json(fh.read())
+        self.state = state
         self.state.resumed_from.append(self.state.step)
         self.resumed = True
 

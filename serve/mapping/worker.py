@@ -1,16 +1,19 @@
 """The per-tile work of an area job, inside the Ray Data actors: read a tile's pixels from the source, embed
 them (in-process encoder, or the Serve endpoint over HTTP), write the results of each encoder batch
-(`serve.mapping.tile_store`).
+(`serve.mapping.tile_store`). For `olmoearth predict` (a PredictConfig) the same with a fine-tuned model: a
+tile's result is its per-class probabilities or values (in process, or the endpoint's /predict).
 
 One call gets a few encoder batches of tiles and pipelines them: a reader thread reads batch k+1 and a writer
 thread writes batch k-1 while the encoder runs on batch k. Two calls run at once in an actor (the pool's
 `max_concurrent_calls_per_actor=2`), taking turns on the encoder (a lock): the next call's first reads and the
 last call's writes happen while the other call encodes, so the encoder does not wait at call boundaries. A call
-returns once every write of its tiles is done, so a tile reported "ok" is on storage.
+returns once every write of its tiles is done, so a tile reported "ok" is on storage. The encoder loads in a
+thread while the actor already takes its first tiles, so their reads overlap the model's load.
 """
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 import uuid
@@ -41,13 +44,32 @@ class TileWorker:
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="tile-read")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="tile-write")
         self.encoder_lock = threading.Lock()  # one forward at a time: calls overlap only in I/O
-        self.embedder = self.session = None
-        if cfg.engine == "ray_data":
-            from serve.embedder import Embedder
-
-            device = "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"
-            self.embedder = Embedder(cfg.model_uri, device=device, num_threads=cfg.torch_threads or None)
+        self.gaps: dict[str, str] = {}  # tile id -> its months without a clear pixel (an ok tile's "error")
+        self.session = None
+        # the encoder loads in a thread of its own: the constructor returns at once, so the pool hands this
+        # actor its first tiles while the model loads and their reads overlap the load (embed() waits for it)
+        self.loading = ThreadPoolExecutor(1, thread_name_prefix="model-load").submit(self._load) \
+            if cfg.engine == "ray_data" else None  # fmt: skip
         self.init_seconds = time.time() - t0
+
+    def _load(self):
+        """-> (Embedder, seconds to import torch and load it)."""
+        t0 = time.time()
+        from serve.embedder import Embedder
+
+        device = "cuda" if self.cfg.num_gpus_per_actor > 0 else "cpu"
+        return Embedder(self.cfg.model_uri, device=device, num_threads=self.cfg.torch_threads or None), time.time() - t0
+
+    @property
+    def embedder(self):
+        """The in-process encoder (engine=ray_data; None with engine=serve), once loaded; a failed load raises
+        here, in the first embed, and fails that call's tiles with its reason."""
+        if self.loading is None:
+            return None
+        embedder, seconds = self.loading.result()
+        if not getattr(self, "_load_counted", False):
+            self.init_seconds, self._load_counted = self.init_seconds + seconds, True
+        return embedder
 
     def __call__(self, batch: dict) -> dict:
         t_call = time.time()
@@ -64,6 +86,9 @@ class TileWorker:
             t_read += sec
             results, sec = self._embed_chunk(ch, got, res)
             t_embed += sec
+            for i in ch:
+                note = self.gaps.pop(tiles[i].id, "")
+                res["error"][i] = res["error"][i] or (note if res["status"][i] == "ok" else "")
             writes.append((ch, self.writer.submit(self.write, [tiles[i] for i in ch], [res["status"][i] for i in ch],
                                                   [res["error"][i] for i in ch], results)))  # fmt: skip
         t0 = time.time()
@@ -82,6 +107,8 @@ class TileWorker:
                 x = self.source.read(tile, self.grid)
                 if any(np.isfinite(a).any() for a in x.values()):
                     out.append(x)
+                    # months without a clear pixel (StacSource): kept as the ok tile's note, reported as gaps
+                    self.gaps[tile.id] = getattr(self.source, "explain_gaps", lambda t: "")(tile)
                 else:  # a source may say why (StacSource: the scenes that met it, all cloudy or nodata)
                     why = getattr(self.source, "explain_empty", lambda t: None)(tile)
                     out.append(("empty", why or "no input data in this tile"))
@@ -93,12 +120,22 @@ class TileWorker:
         """xs: per tile {m: (S, S, T, C)} -> (N, S/p, S/p, D) float32, NaN where no data."""
         x = {m: np.stack([t[m] for t in xs]) for m in xs[0]}
         mo = np.tile(months, (len(xs), 1))
-        if self.embedder is not None:
-            return self.embedder.embed(x, mo, self.cfg.patch_size)[0]
+        # `olmoearth predict` (a PredictConfig): the fine-tuned model's per-class probabilities / values instead,
+        # (N, S, S, K) per pixel or (N, 1, 1, K) per window (serve/embedder.py prediction_maps)
+        from serve.mapping.predict_config import PredictConfig
+
+        predicting = isinstance(self.cfg, PredictConfig)
+        embedder = self.embedder
+        if embedder is not None:
+            if predicting:
+                return embedder.prediction_maps(x, mo)
+            return embedder.embed(x, mo, self.cfg.patch_size)[0]
         if self.session is None:
             import requests
 
             self.session = requests.Session()  # one keep-alive connection per actor, not one per batch
+        if predicting:
+            return predict_via_serve(self.cfg.serve_url, x, mo, session=self.session)
         return embed_via_serve(self.cfg.serve_url, x, mo, self.cfg.patch_size, session=self.session)
 
     def _embed_chunk(self, ch: list[int], got: list, res: dict) -> tuple[dict, float]:
@@ -171,7 +208,23 @@ class TileWorker:
 def embed_via_serve(url: str, x: dict, months: np.ndarray, patch_size: int, timeout: float = 600,
                     session=None) -> np.ndarray:  # fmt: skip
     """POST one .npz to the Serve endpoint; returns (B, h, w, D)."""
-    import io
+    params = {"patch_size": patch_size, "output": "patches", "format": "npy"}
+    return np.load(io.BytesIO(post_npz(url, "embed", params, x, months, timeout, session)))
+
+
+def predict_via_serve(url: str, x: dict, months: np.ndarray, timeout: float = 600, session=None) -> np.ndarray:
+    """POST one .npz to the endpoint's /predict (a fine-tuned model) -> (B, H, W, K) or (B, 1, 1, K): the
+    probabilities or values of every output, NaN without input."""
+    from serve.embedder import maps_from_outputs
+
+    with np.load(io.BytesIO(post_npz(url, "predict", {"format": "npz"}, x, months, timeout, session))) as z:
+        out = {k: z[k] for k in z.files}
+    return maps_from_outputs(str(out.pop("kind")), out)
+
+
+def post_npz(url: str, route: str, params: dict, x: dict, months: np.ndarray, timeout: float, session) -> bytes:
+    """x and months as one .npz to url/route (with OLMOEARTH_SERVE_TOKEN as bearer token when set) -> the
+    answer's bytes; an answer other than 200 raises with its text."""
     import os
 
     import requests
@@ -181,8 +234,8 @@ def embed_via_serve(url: str, x: dict, months: np.ndarray, patch_size: int, time
     headers = {"Content-Type": "application/x-npz"}
     if os.environ.get("OLMOEARTH_SERVE_TOKEN"):  # the endpoint's optional bearer token (serve/app.py)
         headers["Authorization"] = f"Bearer {os.environ['OLMOEARTH_SERVE_TOKEN']}"
-    r = (session or requests).post(f"{url.rstrip('/')}/embed", params={"patch_size": patch_size, "output": "patches",
-                      "format": "npy"}, data=buf.getvalue(), headers=headers, timeout=timeout)  # fmt: skip
+    r = (session or requests).post(f"{url.rstrip('/')}/{route}", params=params, data=buf.getvalue(), headers=headers,
+                                   timeout=timeout)  # fmt: skip
     if r.status_code != 200:
         raise RuntimeError(f"endpoint {url} answered {r.status_code}: {r.text[:300]}")
-    return np.load(io.BytesIO(r.content))
+    return r.content
