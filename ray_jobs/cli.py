@@ -16,6 +16,10 @@ COMMANDS = {
     "serve": ("ray_jobs.serve", "run the Ray Serve embedding endpoint"),
     "embed": ("ray_jobs.embed_area", "embed a large area into a georeferenced embedding map"),
     "eval": ("ray_jobs.evaluate", "kNN and linear probes on frozen embeddings"),
+    "select-cells": ("ray_jobs.select_cells", "choose corpus cells from an OpenStreetMap extract by category"),
+    "materialize": ("ray_jobs.materialize", "write the raw corpus layout for cells from STAC imagery and maps"),
+    "finetune": ("ray_jobs.finetune", "fine-tune the encoder and a head on a labelled task (Ray Train)"),
+    "predict": ("ray_jobs.predict", "map a fine-tuned model's predictions over a large area"),
     "demo": ("ray_jobs.demo", "the whole system end to end on a local cluster"),
 }
 

@@ -1,10 +1,13 @@
 """`make demo` / `olmoearth demo`: the whole system end to end on this machine, with the same job code that
 runs on a cluster.
 
-It starts a real S3 server (SeaweedFS) and a local Ray cluster, synthesises a raw corpus into the bucket,
-builds the training shards, pretrains a nano model with Ray Train + DeepSpeed, exports the encoder, evaluates
-it with kNN against a random-init baseline, starts the Ray Serve endpoint, embeds a multi-cell area through it
-into a Cloud-Optimized GeoTIFF with a PNG preview, prints where everything is, and stops what it started.
+It starts a real S3 server (SeaweedFS) and a local Ray cluster, synthesises a raw corpus into the bucket, makes
+a corpus of its own as the original did (cells chosen by OpenStreetMap category on a real extract; real imagery
+materialised from a STAC catalog into the raw layout), builds the training shards, pretrains a nano model with
+Ray Train + DeepSpeed, exports the encoder, evaluates it with kNN and linear probes against a random-init
+baseline, fine-tunes it to per-pixel land cover and maps the predictions, starts the Ray Serve endpoint and
+embeds a real place (the Virginia coast, through STAC) into a Cloud-Optimized GeoTIFF with a PNG preview,
+prints where everything is, and stops what it started.
 
     olmoearth demo [--fast true] [--out demo_out] [--pretrain_steps 300]
 """
@@ -34,7 +37,10 @@ class DemoConfig:
     labelled_samples: int = 64  # labelled corpus: a contiguous block for evaluation and the area embedding
     pretrain_steps: int = 300  # optimiser steps of the nano pretraining run
     area_cells: int = 3  # the embedded area is area_cells x area_cells grid cells (2.56 km each)
-    # months embedded: a summer in the labelled block's acquisition year (pipelines.corpus.synth.LABELLED_START)
+    own_cells: int = 2  # the real imagery materialised into the corpus: own_cells x own_cells cells
+    finetune_epochs: int = 10  # epochs of the segmentation fine-tuning on the labelled block
+    # months the fine-tuned model maps over the labelled block: in its acquisition year
+    # (pipelines.corpus.synth.LABELLED_START)
     area_time: list[str] = field(default_factory=lambda: ["2021-06-01", "2021-08-30"])
     # keep the SeaweedFS data folder afterwards; `python -m pipelines.common.local_s3 serve <out>/seaweedfs`
     # serves it again (on the ports it remembers)
@@ -44,7 +50,8 @@ class DemoConfig:
 
 def _apply_fast(cfg: DemoConfig) -> DemoConfig:
     if cfg.fast:
-        cfg.raw_samples, cfg.labelled_samples, cfg.pretrain_steps, cfg.area_cells = 8, 16, 20, 2
+        cfg.raw_samples, cfg.labelled_samples, cfg.pretrain_steps, cfg.area_cells, cfg.own_cells = 8, 16, 20, 2, 1
+        cfg.finetune_epochs = 3
         cfg.area_time = ["2021-06-01", "2021-06-30"]  # one month: a third of the tokens per tile
     return cfg
 
@@ -108,6 +115,10 @@ def run(cfg: DemoConfig) -> dict:
             synth.main(["--config", os.path.join(ROOT, "configs/synth_labelled.yaml"), "--out_uri", labelled,
                         "--num_samples", str(cfg.labelled_samples), "--ray_tasks", "4"])  # fmt: skip
 
+        with step("your own corpus: cells chosen from a real OSM extract; real imagery materialised from STAC"):
+            catalog = _write_catalog(cfg, storage)
+            results.update(_own_corpus(cfg, catalog, raw, out, storage))
+
         with step("build the corpus: validate, shard, normalisation statistics (Ray Data)"):
             # fast: shards of 4 cells, so that one of its 2 shards can be held out for validation
             build_corpus.main(["--config", os.path.join(ROOT, "configs/build_small.yaml"),
@@ -135,8 +146,11 @@ def run(cfg: DemoConfig) -> dict:
                            "--dataset.root", labelled, "--checkpoint", encoder_uri, "--out", eval_out])  # fmt: skip
             results["eval"] = eval_out
 
+        with step("fine-tune the encoder to per-pixel land cover, export it, map its predictions over the block"):
+            results.update(_finetune_and_predict(cfg, labelled, encoder_uri, out))
+
         with step("serve the encoder (Ray Serve) and embed an area through the endpoint"):
-            results.update(_serve_and_embed(cfg, labelled, encoder_uri, out, storage))
+            results.update(_serve_and_embed(cfg, catalog, encoder_uri, out))
 
         with step(f"copy the encoder, the run's metrics and its checkpoints summary into {out}"):
             results.update(_collect(storage, run_uri, encoder_uri, out))
@@ -199,7 +213,7 @@ def _collect(storage, run_uri: str, encoder_uri: str, out: str) -> dict:
 
 # what one demo run writes under --out (with the S3 data a kept run left); a new run starts from a new bucket,
 # so old results are stale
-RESULT_ENTRIES = ("area", "eval", "run", "model", "seaweedfs", "demo_results.json")
+RESULT_ENTRIES = ("area", "cells", "classes", "eval", "finetune", "run", "model", "seaweedfs", "demo_results.json")
 
 
 def _clear_previous_results(out: str) -> None:
@@ -213,28 +227,97 @@ def _clear_previous_results(out: str) -> None:
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
-def _serve_and_embed(cfg: DemoConfig, labelled: str, encoder_uri: str, out: str, storage) -> dict:
-    from pipelines.common.local_s3 import free_port
+def _write_catalog(cfg: DemoConfig, storage) -> str:
+    """A static STAC catalog of COGs made from the shipped real imagery (pipelines/imagery/sample_catalog.py:
+    the Sentinel-2 scene of the Virginia coast, a Landsat-8 scene, BigEarthNet Sentinel-1 patches) in the demo
+    bucket: what the materialisation and the mapping steps read, as they would read Earth Search."""
+    from pipelines.imagery.sample_catalog import write_sample_catalog
+
+    catalog = write_sample_catalog(storage, f"s3://{cfg.bucket}/sample-stac")
+    print(f"STAC catalog of the shipped real imagery: {catalog}", flush=True)
+    return catalog
+
+
+def _own_corpus(cfg: DemoConfig, catalog: str, raw: str, out: str, storage) -> dict:
+    """The original's two corpus-making steps on shipped real data: choose cells by OpenStreetMap category on
+    the Helsinki extract (summary table and map), and materialise own_cells x own_cells cells of the real
+    Sentinel-2 scene's footprint from the STAC catalog into the raw corpus, where the build shards them with
+    the synthetic cells (the extract and the imagery do not overlap, so the cells are given by a bbox)."""
+    from pipelines.imagery import sample_data
+    from pipelines.imagery.sample_catalog import sample_area
+    from ray_jobs import materialize, select_cells
+
+    cells = os.path.join(out, "cells")
+    select_cells.main(["--config", os.path.join(ROOT, "configs/select_cells.yaml"),
+                       "--osm", sample_data.helsinki_pbf(), "--out", cells])  # fmt: skip
+    area = sample_area(side_m=cfg.own_cells * 2560.0)
+    collections = {"sentinel2_l2a": "sentinel-2-l2a", "landsat": "landsat-c2-l1", "sentinel1": "sentinel-1-grd"}
+    materialize.main(["--stac", catalog, "--collections", json.dumps(collections),
+                      "--bbox", json.dumps(area["bbox"]), "--bbox_crs", area["crs"],
+                      "--time_start", area["time_start"], "--time_end", area["time_end"], "--out", raw])  # fmt: skip
+    report = os.path.join(out, "cells", "materialize_report.json")
+    storage.write_bytes(report, storage.read_bytes(f"{raw}/materialize_report.json"))
+    return {"cells_map": os.path.join(cells, "cells.png"), "cells_summary": os.path.join(cells, "summary.csv"),
+            "materialize_report": report}
+
+
+def _block_bbox(cfg: DemoConfig, labelled: str, storage) -> tuple[list[float], str]:
+    """The first area_cells x area_cells cells of the labelled block (a contiguous set of grid cells) as a bbox
+    in their UTM CRS."""
     from pipelines.corpus.raw_layout import cell_bounds, list_samples, parse_sample_id
+
+    cells = [parse_sample_id(i) for i in list_samples(labelled, storage)]  # (epsg, col, row)
+    cols = sorted({c for _, c, _ in cells})[: cfg.area_cells]
+    rows = sorted({r for _, _, r in cells})[: cfg.area_cells]
+    (x0, y0, _, _), (_, _, x1, y1) = cell_bounds(cols[0], rows[-1]), cell_bounds(cols[-1], rows[0])
+    return [x0, y0, x1, y1], f"EPSG:{cells[0][0]}"
+
+
+def _finetune_and_predict(cfg: DemoConfig, labelled: str, encoder_uri: str, out: str) -> dict:
+    """Fine-tune the pretrained encoder with a segmentation head on the labelled block's land-cover maps (Ray
+    Train + DeepSpeed, the pretraining run layout), export encoder + head + class names as one file, and map its
+    predictions over the block: a uint8 class map with a colour table and a preview."""
+    from pipelines.common.storage import Storage
+    from ray_jobs import export, finetune, predict
+
+    storage = Storage()
+    run = f"s3://{cfg.bucket}/runs/demo-seg"
+    model = f"s3://{cfg.bucket}/models/demo-seg.safetensors"
+    finetune.main(["--config", os.path.join(ROOT, "configs/finetune_synth_seg.yaml"), "--data.root", labelled,
+                   "--model.init_from", encoder_uri, "--train.epochs", str(cfg.finetune_epochs),
+                   "--run.storage_path", f"s3://{cfg.bucket}/runs", "--run.name", "demo-seg"]
+                  + (["--data.max_samples", "16"] if cfg.fast else []))  # fmt: skip
+    export.main(["--checkpoint", run, "--out", model])
+    finetuned = os.path.join(out, "finetune")
+    for name in ("metrics.jsonl", "curve.png", "report.json", "best.json"):
+        if storage.exists(f"{run}/{name}"):
+            storage.write_bytes(os.path.join(finetuned, name), storage.read_bytes(f"{run}/{name}"))
+    bbox, crs = _block_bbox(cfg, labelled, storage)
+    classes = os.path.join(out, "classes")
+    predict.main(["--source", labelled, "--bbox", json.dumps(bbox), "--bbox_crs", crs,
+                  "--time_start", cfg.area_time[0], "--time_end", cfg.area_time[1],
+                  "--model_uri", model, "--out", classes, "--probabilities", "true"])  # fmt: skip
+    return {"finetune_curve": os.path.join(finetuned, "curve.png"), "class_map": os.path.join(classes, "classes.tif")}
+
+
+def _serve_and_embed(cfg: DemoConfig, catalog: str, encoder_uri: str, out: str) -> dict:
+    """Serve the encoder and map a real place through it: an area_cells x area_cells-cell square at the centre
+    of the real Sentinel-2 scene (Virginia coast: farmland, marsh, lagoon, sea) read through the STAC catalog."""
+    from pipelines.common.local_s3 import free_port
+    from pipelines.imagery.sample_catalog import sample_area
     from ray_jobs import embed_area
     from serve.app import ServeConfig
     from serve.app import run as serve_run
 
+    area = sample_area(side_m=cfg.area_cells * 2560.0)
     port = free_port()
     serve_run(ServeConfig(model_uri=encoder_uri, port=port, min_replicas=1, max_replicas=1))
     url = f"http://127.0.0.1:{port}"
     print(f"endpoint {url} (model {encoder_uri})", flush=True)
-    # the labelled block is a contiguous set of grid cells: embed its first area_cells x area_cells cells
-    cells = [parse_sample_id(i) for i in list_samples(labelled, storage)]  # (epsg, col, row)
-    epsg = cells[0][0]
-    cols = sorted({c for _, c, _ in cells})[: cfg.area_cells]
-    rows = sorted({r for _, _, r in cells})[: cfg.area_cells]
-    (x0, y0, _, _), (_, _, x1, y1) = cell_bounds(cols[0], rows[-1]), cell_bounds(cols[-1], rows[0])
-    bbox = [x0, y0, x1, y1]  # minx, miny, maxx, maxy in the cells' UTM CRS
     area_out = os.path.join(out, "area")
-    # three summer months of the block's acquisition year: 16 x 16 tokens x 3 months x 3 bandsets per tile
-    embed_area.main(["--source", labelled, "--bbox", json.dumps(bbox), "--bbox_crs", f"EPSG:{epsg}",
-                     "--time_start", cfg.area_time[0], "--time_end", cfg.area_time[1],
+    embed_area.main(["--stac", catalog, "--collections", json.dumps({"sentinel2_l2a": "sentinel-2-l2a"}),
+                     "--bbox", json.dumps(area["bbox"]), "--bbox_crs", area["crs"],
+                     "--time_start", area["time_start"], "--time_end", area["time_end"],
                      "--model_uri", encoder_uri, "--engine", "serve", "--serve_url", url,
                      "--out", area_out])  # fmt: skip
     from ray import serve

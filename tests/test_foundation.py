@@ -137,18 +137,23 @@ def test_workers_get_the_drivers_aws_variables_except_those_a_submitted_job_sets
 
 def _job_config_classes() -> dict:
     from pipelines.corpus.build import BuildConfig
+    from pipelines.corpus.materialize_config import MaterializeConfig
     from pipelines.evaluation.run import EvalConfig
+    from pipelines.finetune.config import FinetuneConfig
     from pipelines.pretrain.config import PretrainConfig
+    from pipelines.selection.config import SelectCellsConfig
     from ray_jobs.convert import ConvertConfig
     from ray_jobs.demo import DemoConfig
     from ray_jobs.export import ExportConfig
     from ray_jobs.synth import SynthJobConfig
     from serve.app import ServeConfig
     from serve.mapping.config import EmbedAreaConfig
+    from serve.mapping.predict_config import PredictConfig
 
-    return {"synth": SynthJobConfig, "build-corpus": BuildConfig, "pretrain": PretrainConfig,
+    return {"predict": PredictConfig, "synth": SynthJobConfig, "build-corpus": BuildConfig, "pretrain": PretrainConfig,
             "export": ExportConfig, "convert": ConvertConfig, "serve": ServeConfig, "embed": EmbedAreaConfig,
-            "eval": EvalConfig, "demo": DemoConfig}  # fmt: skip
+            "eval": EvalConfig, "demo": DemoConfig, "materialize": MaterializeConfig,
+            "select-cells": SelectCellsConfig, "finetune": FinetuneConfig}  # fmt: skip
 
 
 def _described_fields(cls, prefix=""):
