@@ -23,7 +23,6 @@ import argparse
 import importlib.util
 import os
 import sys
-import tempfile
 import time
 import uuid
 
@@ -123,21 +122,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2, help="runs of each side; the best is reported")
     args = ap.parse_args()
 
-    import ray
+    from bench.lib.services import local_services
 
-    from pipelines.common.local_s3 import SeaweedServer
-    from pipelines.common.ray_start import init_ray
-    from pipelines.common.storage import Storage
-
-    with tempfile.TemporaryDirectory() as tmp, SeaweedServer(os.path.join(tmp, "weed")) as s3:
-        os.environ.update(s3.env())
-        init_ray(num_cpus=args.cores, address="local", log_to_driver=False, configure_logging=False)
-        try:
-            print(f"load_average_before: {os.getloadavg()[0]:.2f}")
-            run(args, Storage())
-            print(f"load_average_after: {os.getloadavg()[0]:.2f}")
-        finally:
-            ray.shutdown()
+    with local_services(num_cpus=args.cores) as storage:
+        run(args, storage)
     return 0
 
 

@@ -21,7 +21,6 @@ import datetime as dt
 import importlib.util
 import os
 import sys
-import tempfile
 import threading
 import urllib.request
 import uuid
@@ -227,21 +226,10 @@ def main() -> int:
     ap.add_argument("--model", default="random:nano")
     args = ap.parse_args()
 
-    import ray
+    from bench.lib.services import local_services
 
-    from pipelines.common.local_s3 import SeaweedServer
-    from pipelines.common.ray_start import init_ray
-    from pipelines.common.storage import Storage
-
-    with tempfile.TemporaryDirectory() as tmp, SeaweedServer(os.path.join(tmp, "weed")) as s3:
-        os.environ.update(s3.env())
-        init_ray(num_cpus=max(4, os.cpu_count() or 2), address="local", log_to_driver=False, configure_logging=False)
-        try:
-            print(f"load_average_before: {os.getloadavg()[0]:.2f}")
-            run(args, Storage())
-            print(f"load_average_after: {os.getloadavg()[0]:.2f}")
-        finally:
-            ray.shutdown()
+    with local_services(num_cpus=max(4, os.cpu_count() or 2)) as storage:
+        run(args, storage)
     return 0
 
 
