@@ -153,7 +153,6 @@ def test_osm_raster_from_the_real_helsinki_extract():
     import osmium
     from pyproj import Transformer
 
-    from pipelines.common.storage import Storage
     from pipelines.corpus.cells import cells_from_ids
     from pipelines.corpus.osm_raster import CHANNEL, feature_classes, rasterise, read_osm_features
     from pipelines.imagery import sample_data
@@ -165,7 +164,7 @@ def test_osm_raster_from_the_real_helsinki_extract():
     x, y = Transformer.from_crs("EPSG:4326", f"EPSG:{epsg}", always_xy=True).transform(lon, lat)
     col, row = math.floor(x / 2560), math.floor(-y / 2560)
     cell = cells_from_ids([f"EPSG:{epsg}_{col}_{row}"], "2022-01-01", "2022-01-31")[0]
-    feats = read_osm_features(pbf, Storage(), cell.lonlat_bounds())
+    feats = read_osm_features(pbf, cell.lonlat_bounds())
     r = rasterise(feats, epsg, col, row)
     assert r[CHANNEL["building"]].sum() > 10_000 and r[CHANNEL["highway"]].sum() > 10_000
     to_utm = Transformer.from_crs("EPSG:4326", f"EPSG:{epsg}", always_xy=True).transform
@@ -361,6 +360,36 @@ def test_rerun_skips_finished_cells_and_redoes_unfinished(job, monkeypatch):
     assert sorted(rl.read_timesteps(cfg.out, storage)["landsat"]) == [l8]
 
 
+def test_a_task_of_several_cells_fails_only_its_faulty_cell(job):
+    """materialize_cells (one Ray task's cells, in this process): a fault in the second cell fails that cell
+    alone, with no file and no marker left; the cells before and after it finish with their markers, as the
+    same cells do in a task without the fault."""
+    from dataclasses import replace
+
+    from pipelines.common.storage import join
+    from pipelines.corpus import raw_layout as rl
+    from pipelines.corpus.materialize import load_cells, plan_jobs
+    from pipelines.corpus.materialize_cell import marker_uri, materialize_cells
+
+    storage = job["storage"]
+    outcomes = {}
+    for name, faulty in (("clean", None), ("faulty", job["ids"][1])):
+        cfg = replace(job["cfg"], out=join(job["base"], f"task-{name}"))
+        jobs = list(plan_jobs(cfg, load_cells(cfg, storage), storage))
+        for j in jobs:
+            j["faults"] = {"materialize_cells": [faulty]} if faulty else {}
+        outcomes[name] = (cfg.out, {r["sid"]: r for r in materialize_cells(jobs)})
+    (clean_out, clean), (out, faulty) = outcomes["clean"], outcomes["faulty"]
+    bad = job["ids"][1]
+    assert faulty[bad]["status"] == "failed" and "injected fault" in faulty[bad]["failure"]["error"]
+    assert bad not in rl.list_samples(out, storage) and not storage.exists(marker_uri(out, bad))
+    for sid in job["ids"]:
+        if sid != bad:
+            assert faulty[sid]["status"] == clean[sid]["status"] != "failed"
+            assert storage.exists(marker_uri(out, sid)) == storage.exists(marker_uri(clean_out, sid)) is True
+    assert set(rl.list_samples(out, storage)) == set(rl.list_samples(clean_out, storage)) - {bad}
+
+
 def test_cli_answers_and_refuses_bad_config(tmp_path):
     from ray_jobs.materialize import main
 
@@ -411,7 +440,7 @@ def test_osm_stage_on_the_real_extract_equals_the_one_process_raster(ray_cluster
     assert written == {ids[0]}
     for c in cells[:1]:
         got, _ = read_geotiff(f"{cfg.out}/{osm_file(c)}", storage)
-        want = rasterise(read_osm_features(pbf, storage, c.lonlat_bounds()), c.epsg, c.col, c.row)
+        want = rasterise(read_osm_features(pbf, c.lonlat_bounds()), c.epsg, c.col, c.row)
         assert got.sum() > 1000 and np.array_equal(got, want), c.sid
 
 

@@ -311,6 +311,16 @@ def test_helsinki_counts_match_brute_force(ray_cluster, helsinki, table_uri, tmp
     assert set(cells["crs"]) == {"EPSG:32635"}
 
 
+def test_a_table_matching_nothing_gives_an_empty_draw(ray_cluster, helsinki, tmp_path):
+    """Every feature block then yields no candidate (the blocks are empty): the job still writes its outputs,
+    with the category listed as empty and no cell."""
+    table = tmp_path / "volcano.yaml"
+    table.write_text("categories:\n  volcano: [{natural: volcano}]\n")
+    report = _run(helsinki, str(tmp_path / "v"), str(table), blocks_per_task=1, map=False)
+    assert report["candidates"] == {"volcano": 0} and report["empty_categories"] == ["volcano"]
+    assert report["cells"] == 0 and len(_cells(str(tmp_path / "v"))) == 0
+
+
 def test_stretched_cap_determinism_grid(ray_cluster, stretched, table_uri, tmp_path):
     import shapely
 

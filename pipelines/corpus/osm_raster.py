@@ -129,47 +129,25 @@ def rasterise(features, epsg: int, col: int, row: int) -> np.ndarray:
     return out
 
 
-def read_osm_features(uri: str, storage, lonlat_bbox: tuple | None = None) -> list[tuple]:
-    """[(geometry lon/lat, tags, osm type)] of the features any category wants, from an OSM extract: a
-    `.osm.pbf` (read with the selection's PBF reader) or a GeoParquet / GeoPackage of features (columns
-    geometry plus either `tags` (JSON) or one column per OSM key). `lonlat_bbox`: keep only features meeting it."""
+def read_osm_features(uri: str, lonlat_bbox: tuple | None = None) -> list[tuple]:
+    """[(geometry lon/lat, tags, osm type or None)] of the features any category wants, from an OSM extract:
+    a `.osm.pbf` or a GeoParquet / GeoPackage of features, read in this process by the selection's readers
+    (pipelines/selection/pbf.py, features_table.py). `lonlat_bbox`: keep only features meeting it."""
     import json
 
     from shapely import wkb
     from shapely.geometry import box
 
+    from pipelines.selection.config import osm_format
+
+    if osm_format(uri) == "pbf":
+        from pipelines.selection.pbf import read_features
+    else:
+        from pipelines.selection.features_table import read_features
     keep = box(*lonlat_bbox) if lonlat_bbox else None
     out = []
-    if uri.lower().endswith(".pbf"):
-        from pipelines.selection.pbf import read_features
-
-        rows = ((wkb.loads(r["wkb"]), json.loads(r["tags"]), r["osm_type"]) for r in read_features(uri, matches))
-    else:
-        rows = _table_features(uri, storage)
-    for geom, tags, osm_type in rows:
+    for r in read_features(uri, matches):
+        geom = wkb.loads(r["wkb"])
         if keep is None or geom.intersects(keep):
-            out.append((geom, tags, osm_type))
+            out.append((geom, json.loads(r["tags"]), r["osm_type"] or None))
     return out
-
-
-def _table_features(uri: str, storage):
-    """(geometry, tags, osm type or None) of each row of a GeoParquet / GeoPackage of OSM features."""
-    import io
-    import json
-
-    import geopandas as gpd
-
-    data = io.BytesIO(storage.read_bytes(uri))
-    try:
-        df = gpd.read_parquet(data) if uri.lower().endswith(".parquet") else gpd.read_file(data)
-    except Exception as e:  # noqa: BLE001 - any failure to parse it is the same user error
-        raise ValueError(f"osm {uri}: cannot read OSM features: {type(e).__name__}: {e}") from None
-    if df.crs is not None and df.crs.to_epsg() != 4326:
-        df = df.to_crs("EPSG:4326")
-    keys = [c for c in df.columns if c not in ("geometry", "tags", "osm_type", "osm_id")]
-    for rec in df.to_dict("records"):
-        if "tags" in rec:
-            tags = json.loads(rec["tags"]) if isinstance(rec["tags"], str) else dict(rec["tags"] or {})
-        else:
-            tags = {k: rec[k] for k in keys if isinstance(rec[k], str)}
-        yield rec["geometry"], tags, rec.get("osm_type")

@@ -20,7 +20,7 @@ import numpy as np
 from pipelines.common.storage import Storage, join
 from pipelines.corpus import raw_layout as rl
 from pipelines.corpus.cells import CellRecord
-from pipelines.corpus.osm_raster import RESOLUTION, matches, rasterise, read_osm_features
+from pipelines.corpus.osm_raster import RESOLUTION, matches, rasterise
 from pipelines.imagery.geotiff import geotiff_bytes
 
 OSM_FOLDER = "10_openstreetmap_raster"
@@ -31,18 +31,16 @@ def osm_file(cell: CellRecord) -> str:
     return f"{OSM_FOLDER}/{rl.file_name(cell.epsg, cell.col, cell.row, RESOLUTION)}"
 
 
-def feature_source(uri: str, storage: Storage):
-    """The extract's wanted features as a Ray Dataset of rows {wkb, tags (JSON), osm_type}; None if none."""
-    import json
+def feature_source(uri: str):
+    """The extract's wanted features as a Ray Dataset of rows {wkb, tags (JSON), osm_type}: the selection's
+    readers as Ray tasks (a .osm.pbf, or a GeoParquet / GeoPackage of features)."""
+    from pipelines.selection.config import osm_format
 
-    import ray
-
-    if uri.lower().endswith(".pbf"):
+    if osm_format(uri) == "pbf":
         from pipelines.selection.pbf import feature_dataset
-
-        return feature_dataset(uri, matches).select_columns(["wkb", "tags", "osm_type"])
-    rows = [{"wkb": g.wkb, "tags": json.dumps(t), "osm_type": k or ""} for g, t, k in read_osm_features(uri, storage)]
-    return ray.data.from_items(rows) if rows else None
+    else:
+        from pipelines.selection.features_table import feature_dataset
+    return feature_dataset(uri, matches).select_columns(["wkb", "tags", "osm_type"])
 
 
 def assign_cells(batch: dict, sids: list[str], boxes: list[tuple]) -> dict:
@@ -75,7 +73,7 @@ def write_cell(group: dict, out: str) -> dict:
 
 def write_osm_rasters(cfg, cells: list[CellRecord], storage: Storage) -> set[str]:
     """Rasterise and write the OSM raster of every cell with at least one feature; returns their sample ids."""
-    ds = feature_source(cfg.osm, storage) if cells else None
+    ds = feature_source(cfg.osm) if cells else None
     if ds is None:
         return set()
     sids, boxes = [c.sid for c in cells], [c.lonlat_bounds() for c in cells]

@@ -2,11 +2,11 @@
 most `cap` cells per category -> one row per drawn cell with all the categories it was drawn for.
 
     features   pbf.feature_dataset: Ray tasks over blob groups, the node-location join inside
-    candidates Ray Data map_batches: each feature's categories x the cells it touches (cells.feature_cells)
-    reduce     Ray tasks: every candidate block split by a hash of the cell id into `partitions`; per partition
-               the unique (category, cell) pairs, their count per category and each category's `cap` lowest
-               ranks (cells.rank). Partitions hold disjoint cells, so counts add up exactly, and the global
-               `cap` lowest ranks are among the partitions' `cap` lowest.
+    candidates Ray tasks, one per feature block: each feature's categories x the cells it touches
+               (cells.feature_cells), split by a hash of the cell id into `partitions`
+    reduce     Ray tasks, one per partition: the unique (category, cell) pairs, their count per category and
+               each category's `cap` lowest ranks (cells.rank). Partitions hold disjoint cells, so counts add
+               up exactly, and the global `cap` lowest ranks are among the partitions' `cap` lowest.
     merge      the driver: per category the `cap` lowest of <= partitions x cap ranks (the draw is bounded by
                cap x categories, never by the extract), then one row per cell, its categories in table order
 
@@ -41,10 +41,12 @@ def candidates(batch: dict, table: CategoryTable) -> dict:
             "cell_id": np.array([p[1] for p in pairs], dtype=object)}
 
 
-def split_block(block, partitions: int) -> tuple:
-    """A candidates block (pyarrow table) -> `partitions` lists of (category, cell_id) by cell-id hash."""
+def block_candidates(block, table: CategoryTable, partitions: int) -> tuple:
+    """A block of feature rows (pyarrow table) -> its unique (category, cell_id) candidates as `partitions`
+    lists by cell-id hash (one task per block does both: the candidates never travel unsplit)."""
+    pairs = candidates({"tags": block.column("tags").to_pylist(), "wkb": block.column("wkb").to_pylist()}, table)
     out = [[] for _ in range(partitions)]
-    for category, cid in zip(block.column("category").to_pylist(), block.column("cell_id").to_pylist(), strict=True):
+    for category, cid in zip(pairs["category"], pairs["cell_id"], strict=True):
         out[zlib.crc32(cid.encode()) % partitions].append((category, cid))
     return tuple(out) if partitions > 1 else out[0]
 
@@ -82,10 +84,9 @@ def draw_cells(features, table: CategoryTable, seed: int, cap: int, partitions: 
     """A feature Dataset -> merge_draws' (candidates, drawn, cells) through the Ray stages above."""
     import ray
 
-    cands = features.map_batches(candidates, fn_kwargs={"table": table}, batch_format="numpy", batch_size=None)
-    blocks = cands.to_arrow_refs()
-    split = ray.remote(split_block).options(num_returns=partitions)
-    pieces = [split.remote(b, partitions) for b in blocks]
+    split = ray.remote(block_candidates).options(num_returns=partitions)
+    table_ref = ray.put(table)
+    pieces = [split.remote(b, table_ref, partitions) for b in features.to_arrow_refs()]
     if partitions == 1:
         pieces = [[p] for p in pieces]
     reduce = ray.remote(reduce_partition)
