@@ -52,7 +52,7 @@ def write_catalog(storage, root: str, base: str) -> str:
     from pipelines.corpus import raw_layout as rl
     from pipelines.corpus.sample import read_sample
     from pipelines.imagery.geotiff import geotiff_bytes
-    from pipelines.imagery.stac import _stac_io
+    from pipelines.imagery.stac_io import storage_stac_io
 
     coll = pystac.Collection("sentinel-2-l2a", "bench", pystac.Extent(pystac.SpatialExtent([[-180, -90, 180, 90]]),
                                                                       pystac.TemporalExtent([[None, None]])))  # fmt: skip
@@ -84,7 +84,7 @@ def write_catalog(storage, root: str, base: str) -> str:
         item.add_asset("SCL", pystac.Asset(uri))
         coll.add_item(item)
     coll.normalize_hrefs(f"{base}/stac")
-    coll.save(pystac.CatalogType.SELF_CONTAINED, stac_io=_stac_io(storage))
+    coll.save(pystac.CatalogType.SELF_CONTAINED, stac_io=storage_stac_io(storage))
     return f"{base}/stac/collection.json"
 
 

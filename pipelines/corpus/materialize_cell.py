@@ -1,6 +1,7 @@
-"""One cell of a materialisation (a Ray task): read its modalities, write its raw files, then its done marker.
+"""One cell of a materialisation: read its modalities, write its raw files, then its done marker.
 
     result = materialize_cell(job)   # job: the cell, a source spec per STAC modality, its OSM features, the config
+    results = materialize_cells(jobs)   # a Ray task: a few neighbouring cells, one after the other
 
 Per STAC modality: the cell's pixels from the one image-source interface (`StacSource.read`: windowed COG
 reads, cloud masks, harmonisation, monthly composites on the cell's 10 m grid; float32 (256, 256, T, C) model
@@ -73,18 +74,29 @@ def temporal_bands(x: np.ndarray, modality: str) -> list[tuple[float, np.ndarray
     return out
 
 
+_UPLOAD_POOL = None  # this worker process's upload threads, shared by its cell tasks
+
+
+def upload_pool():
+    """The worker's UPLOADS upload threads (started once per process, not once per cell)."""
+    global _UPLOAD_POOL
+    if _UPLOAD_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _UPLOAD_POOL = ThreadPoolExecutor(max_workers=UPLOADS, thread_name_prefix="cell-upload")
+    return _UPLOAD_POOL
+
+
 class CellWriter:
     """The files of one cell: encoded here, uploaded atomically by a few threads (a PUT's latency overlaps the
     next file's encoding and the other uploads), remembered, removed again if the cell fails. `flush()` waits
     for every upload (and raises the first error): the done marker is written only after it."""
 
     def __init__(self, cell: CellRecord, out: str, storage: Storage, faults: dict):
-        from concurrent.futures import ThreadPoolExecutor
-
         self.cell, self.out, self.storage, self.faults = cell, out, storage, faults
         self.files: list[str] = []
         self.bytes = 0
-        self.pool = ThreadPoolExecutor(max_workers=UPLOADS)
+        self.pool = upload_pool()
         self.pending: list = []
 
     def put(self, modality: str, resolution: float, arr: np.ndarray) -> None:
@@ -108,7 +120,6 @@ class CellWriter:
         for f in self.pending:
             f.exception()
         self.pending = []
-        self.pool.shutdown()
 
     def clear(self, rels) -> None:
         """Remove these files of the cell (relative paths; an earlier unfinished attempt's, or this one's)."""
@@ -122,45 +133,97 @@ class CellWriter:
 def materialize_cell(job: dict) -> dict:
     """Materialise one cell (see the module docstring) -> {"sid", "status": written | empty | failed, "absent",
     "rows", "files", "bytes", "seconds"} (+ "failure": the report's fields; its files removed first)."""
-    from pipelines.imagery.stac import StacReadError
+    return materialize_cells([job])[0]
 
-    t0 = time.time()
-    cell, cfg = job["cell"], job["cfg"]
-    storage = Storage()
-    writer = CellWriter(cell, cfg.out, storage, job.get("faults") or {})
-    writer.clear(job["stale"])  # what an earlier unfinished attempt left (listed once by the driver)
-    absent = dict(job["absent"])  # modality -> why it is absent (found on the driver: no item)
-    modality = "?"
-    try:
-        images = {}
-        for modality, spec in job["sources"].items():
-            x = read_imagery(spec, modality, cell, storage, absent)
-            if x is not None:
-                images[modality] = x
-        rows, status = {}, "written" if images else "empty"
-        for modality, x in images.items():
-            for res, arr in temporal_bands(x, modality):
-                writer.put(modality, res, arr)
-            rows[modality] = [[t, a.isoformat(), b.isoformat()] for t, (a, b) in
-                              enumerate(month_periods(cell.start, x.shape[2]))]  # fmt: skip
-            del x
-        images.clear()
-        modality = "maps"
-        if status == "written":  # a cell without imagery gets no maps either: the build would reject it
-            write_maps(job, writer, absent)
-        elif cfg.osm:
-            writer.clear([osm_file(cell)])
-        writer.flush()  # every file is in place before the marker says so
-        result = _result(cell, status, absent, rows, writer, t0)
-        storage.write_text(marker_uri(cfg.out, cell.sid), json.dumps(result))  # last: the cell is finished
-        return result
-    except (StacReadError, OSError, ValueError, RuntimeError) as e:  # reported; the cell is redone next run
-        writer.close()
-        writer.clear(writer.files + ([osm_file(cell)] if cfg.osm else []))  # the OSM stage's, or an earlier one
-        failure = CellFailure(cell.sid, modality, f"{type(e).__name__}: {e}").fields
-        return {**_result(cell, "failed", absent, {}, writer, t0), "failure": failure, "files": [], "bytes": 0}
-    finally:
-        writer.close()
+
+def materialize_cells(jobs: list[dict]) -> list[dict]:
+    """Materialise several cells in one task, in order -> their results (as `materialize_cell`). While a cell
+    is read and encoded, the previous cell's files finish uploading and its marker goes up: a cell's waits on
+    the store overlap the next cell's work instead of idling the worker's core."""
+    runs: list[CellRun] = []
+    for job in jobs:
+        run = CellRun(job)
+        run.start()
+        if runs:
+            runs[-1].finish()
+        runs.append(run)
+    if runs:
+        runs[-1].finish()
+    return [run.outcome() for run in runs]
+
+
+_CAUGHT = (OSError, ValueError, RuntimeError)  # with StacReadError (a RuntimeError): reported, redone next run
+
+
+class CellRun:
+    """One cell of a task in three steps: `start` reads its imagery and maps and hands its files to the upload
+    threads, `finish` waits for them and sends its marker up (last: the cell is finished), `outcome` waits
+    for the marker -> the cell's result. A failure at any step removes the cell's files and reports it."""
+
+    def __init__(self, job: dict):
+        self.t0 = time.time()
+        self.job, self.cell, self.cfg = job, job["cell"], job["cfg"]
+        self.storage = Storage()
+        self.writer = CellWriter(self.cell, self.cfg.out, self.storage, job.get("faults") or {})
+        self.absent = dict(job["absent"])  # modality -> why it is absent (found on the driver: no item)
+        self.modality, self.status, self.months = "?", "empty", {}
+        self.marker = None  # the marker's upload
+        self.result: dict | None = None  # set once the cell is finished or failed
+
+    def start(self) -> None:
+        cell, cfg, writer = self.cell, self.cfg, self.writer
+        try:
+            writer.clear(self.job["stale"])  # what an earlier unfinished attempt left (listed once by the driver)
+            with worker_handles(self.storage).env_ctx():  # one GDAL environment for the cell, not one per file
+                images = {}
+                for modality, spec in self.job["sources"].items():
+                    self.modality = modality  # what a failure names
+                    x = read_imagery(spec, modality, cell, self.storage, self.absent)
+                    if x is not None:
+                        images[modality] = x
+                self.status = "written" if images else "empty"
+                for modality, x in images.items():
+                    self.modality = modality
+                    for res, arr in temporal_bands(x, modality):
+                        writer.put(modality, res, arr)
+                    self.months[modality] = x.shape[2]
+                    del x
+                images.clear()
+                self.modality = "maps"
+                if self.status == "written":  # a cell without imagery gets no maps either: the build would reject it
+                    write_maps(self.job, writer, self.absent)
+                elif cfg.osm:
+                    writer.clear([osm_file(cell)])
+        except _CAUGHT as e:
+            self._fail(e)
+
+    def finish(self) -> None:
+        if self.result is not None:
+            return
+        try:
+            self.writer.flush()  # every file is in place before the marker says so
+            done = _result(self.cell, self.status, self.absent, self.months, self.writer, self.t0)
+            self.marker = (self.writer.pool.submit(self.storage.write_text, marker_uri(self.cfg.out, self.cell.sid),
+                                                   json.dumps(done)), done)  # fmt: skip
+        except _CAUGHT as e:
+            self._fail(e)
+
+    def outcome(self) -> dict:
+        if self.result is None:
+            future, done = self.marker
+            try:
+                future.result()
+                self.result = done
+            except _CAUGHT as e:
+                self._fail(e)
+        return self.result
+
+    def _fail(self, e: BaseException) -> None:
+        self.writer.close()
+        self.writer.clear(self.writer.files + ([osm_file(self.cell)] if self.cfg.osm else []))  # the OSM stage's too
+        failure = CellFailure(self.cell.sid, self.modality, f"{type(e).__name__}: {e}").fields
+        self.result = {**_result(self.cell, "failed", self.absent, {}, self.writer, self.t0), "failure": failure,
+                       "files": [], "bytes": 0}  # fmt: skip
 
 
 _HANDLES: dict = {}  # S3 endpoint -> this worker process's open COGs (kept between its cell tasks)
@@ -212,6 +275,14 @@ def write_maps(job: dict, writer: CellWriter, absent: dict) -> None:
         writer.put("openstreetmap_raster", RESOLUTION, rasterise([], cell.epsg, cell.col, cell.row))
 
 
-def _result(cell: CellRecord, status: str, absent: dict, rows: dict, writer: CellWriter, t0: float) -> dict:
-    return {"sid": cell.sid, "status": status, "window": [cell.start, cell.end], "absent": absent, "rows": rows,
-            "files": writer.files, "bytes": writer.bytes, "seconds": round(time.time() - t0, 3)}  # fmt: skip
+def timestep_rows(start: str, months: dict[str, int]) -> dict[str, list]:
+    """{modality: [[t, first day, first day of the next month]]} of a cell whose window starts on `start`,
+    for its T months per temporal modality: the rows of its timestep CSVs (its marker holds them)."""
+    return {m: [[t, a.isoformat(), b.isoformat()] for t, (a, b) in enumerate(month_periods(start, n))]
+            for m, n in months.items()}  # fmt: skip
+
+
+def _result(cell: CellRecord, status: str, absent: dict, months: dict, writer: CellWriter, t0: float) -> dict:
+    return {"sid": cell.sid, "status": status, "window": [cell.start, cell.end], "absent": absent,
+            "rows": timestep_rows(cell.start, months), "files": writer.files,
+            "bytes": writer.bytes, "seconds": round(time.time() - t0, 3)}  # fmt: skip

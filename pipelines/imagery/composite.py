@@ -57,9 +57,8 @@ class Composite:
         """pixels (h, w, c) float32, NaN = nodata; clear (h, w) bool or None (no mask: every pixel counts)."""
         self.scenes += 1
         vals = pixels if clear is None else np.where(clear[..., None], pixels, np.float32(np.nan))
-        if self.method == "first":
-            fill = np.isnan(self._out) & ~np.isnan(vals)
-            self._out[fill] = vals[fill]
+        if self.method == "first":  # where the composite has no value yet, this scene's (NaN or not)
+            np.copyto(self._out, vals, where=np.isnan(self._out))
         else:
             self._stack.append(vals.astype(np.float32, copy=False))
 

@@ -169,7 +169,7 @@ def write_sample_catalog(storage, base_uri: str) -> str:
     returns the catalog's URL (base_uri/stac/catalog.json)."""
     import pystac
 
-    from pipelines.imagery.stac import _stac_io
+    from pipelines.imagery.stac_io import storage_stac_io
 
     base_uri = base_uri.rstrip("/")
     cogs = f"{base_uri}/cogs"
@@ -186,5 +186,5 @@ def write_sample_catalog(storage, base_uri: str) -> str:
         coll.add_items(items)
         cat.add_child(coll)
     cat.normalize_hrefs(f"{base_uri}/stac")
-    cat.save(pystac.CatalogType.SELF_CONTAINED, stac_io=_stac_io(storage))
+    cat.save(pystac.CatalogType.SELF_CONTAINED, stac_io=storage_stac_io(storage))
     return f"{base_uri}/stac/catalog.json"

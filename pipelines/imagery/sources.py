@@ -175,6 +175,8 @@ def warp_window(ds, src_bounds: tuple, crs: str, dst_t, shape: tuple, indexes: l
     offset = aligned_offset(ds, crs, dst_t)
     if offset is not None:  # same CRS and pixel grid: nearest neighbour is a plain copy of the window
         return _copy_window(ds, offset, shape, indexes)
+    if not _overlaps(ds, src_bounds):  # a file that only touches the area (a neighbouring scene): no pixel of it
+        return None
     win = source_window(ds, src_bounds)
     if win is None:
         return None
@@ -199,6 +201,30 @@ def aligned_offset(ds, crs: str, dst_t) -> tuple[int, int] | None:
     if abs(fx - round(fx)) > 1e-6 or abs(fy - round(fy)) > 1e-6 or ds.crs != as_crs(crs):
         return None
     return int(round(fx)), int(round(fy))
+
+
+def _overlaps(ds, bounds: tuple) -> bool:
+    """Whether north-up dataset `ds` and `bounds` (its CRS) share some area; True for any other orientation
+    (left to the window and the warp)."""
+    t = ds.transform
+    if t.b or t.d or t.a <= 0 or t.e >= 0:
+        return True
+    left, top = t.c, t.f
+    right, bottom = left + t.a * ds.width, top + t.e * ds.height
+    return left < bounds[2] and right > bounds[0] and bottom < bounds[3] and top > bounds[1]
+
+
+def aligned_step(ds, crs: str, left: float, top: float, base: float) -> float | None:
+    """The pixel size of open dataset `ds` when it is in `crs`, unrotated, square, an integer multiple of
+    `base`, with a pixel corner at (left, top): then its window copied at that size and each pixel repeated
+    onto `base` equals a nearest-neighbour warp onto `base`. None otherwise."""
+    t = ds.transform
+    if t.b or t.d or abs(t.a + t.e) > 1e-9 or ds.crs != as_crs(crs):
+        return None
+    k, fx, fy = t.a / base, (left - t.c) / t.a, (top - t.f) / t.e
+    if k < 1 or abs(k - round(k)) > 1e-9 or abs(fx - round(fx)) > 1e-6 or abs(fy - round(fy)) > 1e-6:
+        return None
+    return float(t.a)
 
 
 @functools.lru_cache(maxsize=64)
@@ -250,7 +276,7 @@ def source_window(ds, bounds):
     from rasterio.windows import Window
 
     inv = ~ds.transform
-    xs, ys = zip(*[inv * (x, y) for x in (bounds[0], bounds[2]) for y in (bounds[1], bounds[3])], strict=True)
+    xs, ys = zip(*[inv @ (x, y) for x in (bounds[0], bounds[2]) for y in (bounds[1], bounds[3])], strict=True)
     c0, c1 = max(0, int(np.floor(min(xs))) - 1), min(ds.width, int(np.ceil(max(xs))) + 1)
     r0, r1 = max(0, int(np.floor(min(ys))) - 1), min(ds.height, int(np.ceil(max(ys))) + 1)
     if c0 >= c1 or r0 >= r1:

@@ -24,16 +24,19 @@ retried with backoff; a read that still fails fails the tile with the item, asse
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 
 import numpy as np
+from affine import Affine
 
 from olmoearth.modalities import BASE_GSD, MODALITIES
-from pipelines.common.storage import Storage, is_s3
+from pipelines.common.storage import Storage
 from pipelines.imagery import units
 from pipelines.imagery.composite import MASK_KIND, Composite, clear_pixels
 from pipelines.imagery.grid import Grid, Tile, bbox_to_crs
-from pipelines.imagery.sources import Handles, as_crs, warp_window
+from pipelines.imagery.sources import Handles, aligned_step, as_crs, warp_window
+from pipelines.imagery.stac_io import storage_stac_io
 
 MAX_MONTHS = 12  # the model's timesteps
 GROUP_TILES = 8  # the item list travels to the workers in groups of GROUP_TILES x GROUP_TILES tiles
@@ -79,29 +82,10 @@ def item_month(when: str, first: tuple[int, int]) -> int:
 # ---- the catalog ------------------------------------------------------------------------------------------
 
 
-def _stac_io(storage: Storage):
-    """A pystac StacIO that reads s3:// through `storage` (any S3 server), local and http(s) as pystac does."""
-    from pystac.stac_io import DefaultStacIO
-
-    class StorageStacIO(DefaultStacIO):
-        def read_text_from_href(self, href: str) -> str:
-            return storage.read_text(href) if is_s3(href) else super().read_text_from_href(href)
-
-        def write_text_to_href(self, href: str, txt: str) -> None:
-            if is_s3(href):
-                storage.write_text(href, txt)
-            else:
-                super().write_text_to_href(href, txt)
-
-    return StorageStacIO()
-
-
-def read_root(url: str, storage: Storage) -> dict:
+def read_root(url: str, storage: Storage, io=None) -> dict:
     """The JSON at `url` (a STAC API landing page, a catalog, a collection or an ItemCollection)."""
-    import json
-
     try:
-        return json.loads(_stac_io(storage).read_text_from_href(url))
+        return json.loads((io or storage_stac_io(storage)).read_text_from_href(url))
     except Exception as e:  # noqa: BLE001 - any failure to reach or parse it is the same user error
         raise ValueError(f"stac {url}: cannot read the catalog: {type(e).__name__}: {e}") from None
 
@@ -116,7 +100,8 @@ def search(url: str, collection_ids: list[str], bbox: tuple, time_range: tuple[s
            storage: Storage) -> list[dict]:  # fmt: skip
     """Item dicts of `collection_ids` meeting lon/lat `bbox` in [time_range]: one search of the API, or one
     walk of the static catalog filtered the same way (asset hrefs made absolute)."""
-    root = read_root(url, storage)
+    io = storage_stac_io(storage)
+    root = read_root(url, storage, io)
     when = f"{time_range[0]}T00:00:00Z/{time_range[1]}T23:59:59Z"
     if is_api(root):
         from pystac_client import Client
@@ -127,14 +112,13 @@ def search(url: str, collection_ids: list[str], bbox: tuple, time_range: tuple[s
             return list(found.items_as_dicts())
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"stac {url}: search failed: {type(e).__name__}: {e}") from None
-    return [d for d in _static_items(url, root, storage) if d.get("collection") in collection_ids
+    return [d for d in _static_items(url, root, io) if d.get("collection") in collection_ids
             and _meets(d.get("bbox"), bbox) and _in_time(d.get("properties", {}), time_range)]  # fmt: skip
 
 
-def _static_items(url: str, root: dict, storage: Storage) -> list[dict]:
+def _static_items(url: str, root: dict, io) -> list[dict]:
     import pystac
 
-    io = _stac_io(storage)
     if root.get("type") == "FeatureCollection":
         coll = pystac.ItemCollection.from_dict(root, root=None, preserve_dict=True)
         items = list(coll.items)
@@ -142,7 +126,7 @@ def _static_items(url: str, root: dict, storage: Storage) -> list[dict]:
             it.set_self_href(url)  # relative asset hrefs resolve against the ItemCollection's folder
     else:
         try:
-            obj = pystac.read_file(url, stac_io=io)
+            obj = pystac.read_dict(root, href=url, stac_io=io)  # the root as read_root read it
             items = list(obj.get_items(recursive=True))
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"stac {url}: cannot walk the catalog: {type(e).__name__}: {e}") from None
@@ -418,12 +402,21 @@ class StacSource:
         return self._empty.get(tile.id)
 
     def _add_scene(self, comp: Composite, rec: dict, tile: Tile, grid: Grid, bounds: tuple) -> None:
-        """One item's pixels of the tile in model units, masked, added to the month's composite."""
+        """One item's pixels of the tile in model units, masked, added to the month's composite. A scene none of
+        whose band files reaches the tile (a neighbour whose footprint only touches it) adds nothing: skipped
+        before any pixel is read."""
         m = rec["modality"]
-        parts = []
+        pixels = np.full((tile.size, tile.size, MODALITIES[m].num_bands), np.nan, np.float32)  # registry band order
+        seen, c = False, 0
         for bs in MODALITIES[m].bandsets:
-            parts.append(np.stack([self._band(rec, b, bs.resolution, tile, grid, bounds) for b in bs.bands], -1))
-        pixels = np.concatenate(parts, -1)  # (size, size, C), registry band order
+            for b in bs.bands:
+                vals = self._band(rec, b, bs.resolution, tile, grid, bounds)
+                if vals is not None:
+                    pixels[:, :, c] = vals
+                    seen = True
+                c += 1
+        if not seen:
+            return
         if m == "sentinel2_l2a":
             units.harmonise_s2(pixels, rec["offset"])
         elif m == "sentinel1" and rec["db"]:
@@ -431,38 +424,46 @@ class StacSource:
         clear = None
         if rec["mask"] is not None:
             key, href = rec["mask"]
-            mask = self._warp(rec, key, href, BASE_GSD, tile, grid, bounds)[0]
-            clear = clear_pixels(m, mask, self.cloud_classes.get(m))
+            mask, res = self._warp(rec, key, href, BASE_GSD, tile, grid, bounds, native=True)
+            if mask is None:
+                return  # no mask value over the tile: no pixel is clear
+            clear = clear_pixels(m, units.to_10m(mask, res)[: tile.size, : tile.size], self.cloud_classes.get(m))
         comp.add(pixels, clear)
 
-    def _band(self, rec: dict, band: str, res: float, tile: Tile, grid: Grid, bounds: tuple) -> np.ndarray:
+    def _band(self, rec: dict, band: str, res: float, tile: Tile, grid: Grid, bounds: tuple) -> np.ndarray | None:
         """One band on the tile's 10 m pixels, warped at its stored resolution `res` and repeated onto 10 m;
-        float32 with the modality's nodata as NaN."""
+        float32 with the modality's nodata as NaN. None when its file does not reach the tile."""
         key, href = rec["assets"][band]
         vals = self._warp(rec, key, href, res, tile, grid, bounds)[0]
+        if vals is None:
+            return None
         raw_nodata = units.RAW_FORMAT[rec["modality"]][1]
         if raw_nodata is not None:
             vals[vals == raw_nodata] = np.nan
         return units.to_10m(vals, res)[: tile.size, : tile.size]
 
-    def _warp(self, rec: dict, key: str, href: str, res: float, tile: Tile, grid: Grid, bounds: tuple) -> np.ndarray:
+    def _warp(self, rec: dict, key: str, href: str, res: float, tile: Tile, grid: Grid, bounds: tuple,
+              native: bool = False) -> tuple[np.ndarray | None, float]:  # fmt: skip
         """Asset `key` of `rec` warped (nearest) onto a grid of `res` metres from the tile's top-left corner
-        covering the tile -> (bands, n, n) float32, NaN outside the asset or at its nodata; retried."""
-        from affine import Affine
+        covering the tile -> ((n, n) float32, NaN outside the asset or at its nodata, or None when the asset
+        does not reach the tile; the step used); retried. native: a file whose pixels are an integer multiple
+        of `res` with an edge on the tile's corner (a 20 m SCL for the 10 m grid) is copied at its own step
+        instead, for the caller to repeat onto `res`: nearest neighbour gives exactly those values."""
         from rasterio.warp import transform_bounds
 
-        n = int(np.ceil(tile.size * grid.resolution / res))
-        dst_t = Affine(res, 0, bounds[0], 0, -res, bounds[3])
-        cover = (bounds[0], bounds[3] - n * res, bounds[0] + n * res, bounds[3])
         for attempt in range(RETRIES):
             try:
                 ds = self.handles.get(href)
                 if ds.crs is None or not ds.crs.is_projected:
                     raise ValueError(f"its CRS ({ds.crs}) is not a projected CRS the grid can use")
+                step = (aligned_step(ds, grid.crs, bounds[0], bounds[3], res) if native else None) or res
+                n = int(np.ceil(tile.size * grid.resolution / step))
+                dst_t = Affine(step, 0, bounds[0], 0, -step, bounds[3])
+                cover = (bounds[0], bounds[3] - n * step, bounds[0] + n * step, bounds[3])
                 want = cover if ds.crs == as_crs(grid.crs) else transform_bounds(grid.crs, ds.crs, *cover,
                                                                                 densify_pts=21)  # fmt: skip
                 part = warp_window(ds, want, grid.crs, dst_t, (1, n, n), indexes=[1])
-                return part if part is not None else np.full((1, n, n), np.nan, np.float32)
+                return (part[0] if part is not None else None), step
             except ValueError as e:  # a property of the file: no retry helps
                 raise StacReadError(f"item {rec['id']!r} asset {key!r} ({href}): {e}") from None
             except Exception as e:  # noqa: BLE001 - I/O and decoding errors: retried, then reported
