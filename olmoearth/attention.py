@@ -1,7 +1,8 @@
 """Transformer pieces: multi-head attention (self or cross), MLP, drop path, the pre-norm block.
 
 Names (q, k, v, proj, norm1, attn, norm2, mlp.fc1, mlp.fc2) follow the original's `nn/attention.py` so its
-checkpoints map by name. Attention runs through `F.scaled_dot_product_attention` with a key-padding mask.
+checkpoints map by name. Attention runs through `F.scaled_dot_product_attention`, either over a padded batch
+with a key-padding mask or over sequences stored back to back (`seq_lengths`), one unmasked call per sequence.
 """
 
 from __future__ import annotations
@@ -22,11 +23,21 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_mask: torch.Tensor | None = None, seq_lengths: list[int] | None = None) -> torch.Tensor:
         """x: (B, N, D) queries; y: (B, M, D) keys/values (None: self-attention); key_mask: (B, M) bool,
-        True = attend. Returns (B, N, D)."""
+        True = attend. Returns (B, N, D).
+
+        seq_lengths (self-attention only, B == 1, no key_mask): x holds several sequences back to back, of
+        these lengths (each > 0, summing to N); each attends only within itself. Same result as padding them
+        into a batch with a key-padding mask, without the padded rows and the mask (which keeps SDPA on its
+        unmasked kernel)."""
         B, N, D = x.shape
         H = self.num_heads
+        bad_lengths = seq_lengths is not None and (y is not None or key_mask is not None or B != 1
+                                                   or sum(seq_lengths) != N)
+        if bad_lengths:
+            raise ValueError(f"seq_lengths needs self-attention over one (1, N, D) row without key_mask; "
+                             f"got x {tuple(x.shape)}, lengths summing to {sum(seq_lengths)}")
         if y is None:  # one GEMM for q, k, v (same math as three Linears)
             w = torch.cat([self.q.weight, self.k.weight, self.v.weight])  # (3D, D)
             b = torch.cat([self.q.bias, self.k.bias, self.v.bias]) if self.q.bias is not None else None
@@ -37,6 +48,11 @@ class Attention(nn.Module):
             q = self.q(x).view(B, N, H, D // H).transpose(1, 2)  # (B, H, N, hd)
             k = self.k(y).view(B, M, H, D // H).transpose(1, 2)  # (B, H, M, hd)
             v = self.v(y).view(B, M, H, D // H).transpose(1, 2)
+        if seq_lengths is not None:
+            parts = [F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)  # (1, n, H, hd)
+                     for qs, ks, vs in zip(q.split(seq_lengths, 2), k.split(seq_lengths, 2),
+                                           v.split(seq_lengths, 2), strict=True)]
+            return self.proj(torch.cat(parts, dim=1).reshape(B, N, D))
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, M)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, hd)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
@@ -85,8 +101,13 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), y if self.cross_attn else None, key_mask))
+                key_mask: torch.Tensor | None = None, seq_lengths: list[int] | None = None) -> torch.Tensor:
+        """seq_lengths: see Attention.forward. Drop path draws one value per row of x, so with sequences
+        stored back to back it would drop them together: not allowed while drop path is active."""
+        if seq_lengths is not None and self.training and self.drop_path.p > 0:
+            raise ValueError("seq_lengths with an active drop path would drop all sequences together")
+        context = y if self.cross_attn else None
+        x = x + self.drop_path(self.attn(self.norm1(x), context, key_mask, seq_lengths))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

@@ -61,6 +61,31 @@ def unpack(packed: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, n: int)
     return out.scatter_add(1, idx[..., None].expand(-1, -1, D), src)
 
 
+def select(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The kept tokens of all samples back to back, without padding (the alternative to `pack`).
+
+    x: (B, N, D), keep: (B, N) bool -> (K, D) sample after sample, in sequence order inside each (the order
+    `pack` gives), and the number of kept tokens of each sample (B ints summing to K)."""
+    return x[keep], keep.sum(1).tolist()
+
+
+def place(flat: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Inverse of select: (K, D) -> (B, N, D) with zeros where nothing was kept."""
+    out = flat.new_zeros(*keep.shape, flat.shape[-1])
+    out[keep] = flat
+    return out
+
+
+def segment_mean(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """(K, D) holding len(lengths) samples back to back -> (B, D) mean of each (zeros for an empty one), as
+    masked_mean over the padded batch."""
+    ids = torch.repeat_interleave(torch.arange(len(lengths), device=flat.device),
+                                  torch.tensor(lengths, device=flat.device))  # (K,)
+    sums = flat.new_zeros(len(lengths), flat.shape[-1]).index_add_(0, ids, flat)  # (B, D)
+    counts = torch.tensor(lengths, device=flat.device, dtype=flat.dtype).clamp(min=1.0)
+    return sums / counts[:, None]
+
+
 def masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """x: (B, N, D), keep: (B, N) bool -> (B, D) mean over the kept tokens (zeros if none)."""
     w = keep.to(x.dtype)[..., None]
