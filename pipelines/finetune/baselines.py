@@ -46,11 +46,12 @@ def frozen_probe(reader, splits: dict[str, list[dict]], task, encoder, seed: int
 def plain_finetune(cfg: FinetuneConfig, reader, splits: dict[str, list[dict]], model, epochs: int | None = None,
                    threads: int = 0) -> tuple[torch.nn.Module, dict]:
     """The job's training steps as a plain single-process loop: the same rows of each epoch (rank 0 of a
-    world of 1), the same D4 draws, the schedule, AdamW with the same groups and clipping. Returns the
-    model and {"samples_per_s", "epoch_samples_per_s", "train_s", "steps"} (training time only, as the job's
-    rows)."""
+    world of 1), the same D4 draws, the schedule, AdamW with the same groups and clipping, the head's
+    statistics recomputed after each epoch. Returns the model (in eval mode) and {"samples_per_s",
+    "epoch_samples_per_s", "train_s", "steps"} (training time only, as the job's rows)."""
     from olmoearth.finetuned import task_loss
     from pipelines.finetune.data import load_batch
+    from pipelines.finetune.loop import recalibrate_head_norms
     from pipelines.finetune.schedule import apply_schedule, is_frozen, param_groups
 
     t = cfg.train
@@ -83,10 +84,21 @@ def plain_finetune(cfg: FinetuneConfig, reader, splits: dict[str, list[dict]], m
         took = time.perf_counter() - started
         train_s += took
         rates.append(steps * t.batch_size / max(took, 1e-9))
+        # as the job's workers before they evaluate (not timed either)
+        recalibrate_head_norms(model, model, input_batches(reader, rows[: t.recalibrate_rows], t.eval_batch_size))
     for p in model.parameters():
         p.requires_grad_(True)
     return model, {"samples_per_s": step * t.batch_size / max(train_s, 1e-9), "epoch_samples_per_s": rates,
                    "train_s": train_s, "steps": step}
+
+
+def input_batches(reader, rows: list[dict], batch_size: int):
+    """(x, months tensor) of `rows`, batch_size at a time."""
+    from pipelines.finetune.data import load_batch
+
+    for i in range(0, len(rows), batch_size):
+        x, months, _ = load_batch(reader, rows[i : i + batch_size])
+        yield x, torch.as_tensor(months)
 
 
 @torch.no_grad()

@@ -33,6 +33,10 @@ class ModelSection:
     # the head: linear (scene tasks) | upsample | unet (per-pixel tasks); empty: linear for scene tasks,
     # upsample for per-pixel ones
     head: str = ""
+    # stochastic depth of every encoder block while fine-tuning (< 0: the encoder's own rate, 0.1 for the v1
+    # sizes); on a random or weakly trained encoder dropped blocks change the pooled features more than the
+    # chip does, so 0 trains far steadier there
+    drop_path: float = -1.0
 
 
 @dataclass
@@ -57,6 +61,9 @@ class TrainSection:
     cpus_per_worker: float = 1.0  # Ray CPUs reserved by each worker
     gpus_per_worker: float = 1.0  # Ray GPUs reserved by each worker (when use_gpu)
     threads_per_worker: int = 0  # torch intra-op threads per worker; 0 leaves Ray's default (its CPUs)
+    # before each evaluation the head's input statistics (FeatureNorm) are recomputed from the eval-mode
+    # features of up to this many of the epoch's train rows per worker (0: keep BatchNorm's running ones)
+    recalibrate_rows: int = 128
 
 
 @dataclass
@@ -129,6 +136,10 @@ def validate(cfg: FinetuneConfig) -> None:
     _check_positive(cfg.run, "run", ("keep_checkpoints",))
     if t.log_every < 0:
         raise ValueError(f"train.log_every must be >= 0, got {t.log_every}")
+    if t.recalibrate_rows < 0:
+        raise ValueError(f"train.recalibrate_rows must be >= 0, got {t.recalibrate_rows}")
+    if cfg.model.drop_path >= 1.0:
+        raise ValueError(f"model.drop_path must be < 1 (negative: the encoder's own), got {cfg.model.drop_path}")
     if t.weight_decay < 0:
         raise ValueError(f"train.weight_decay must be >= 0, got {t.weight_decay}")
     if t.zero_stage not in (1, 2, 3):

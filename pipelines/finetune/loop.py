@@ -5,8 +5,9 @@ DeepSpeed engine (pipelines/pretrain/engine.py's config: ZeRO 1/2/3, AdamW, clip
 parameter groups (pipelines/finetune/schedule.py), restore the latest checkpoint if Ray hands one over,
 then per epoch: train on its run of the epoch's rows (pipelines/finetune/batches.py), batches read with
 pipelines/finetune/data.py `load_batch` and D4-augmented, the schedule setting every group's lr before
-each step; score the val and test splits (every rank its share, combined over the process group); step
-the plateau scheduler; checkpoint (the pretraining run layout: DeepSpeed files, train_state.json, the
+each step; recompute the head's input statistics from train rows in eval mode (`recalibrate_head_norms`);
+score the val and test splits (every rank its share, combined over the process group); step the plateau
+scheduler; checkpoint (the pretraining run layout: DeepSpeed files, train_state.json, the
 completeness manifests written last) and report the epoch's metrics row to Ray.
 
 While the original schedule keeps the backbone frozen its parameters get lr 0 and weight decay 0 (so
@@ -53,7 +54,42 @@ def build_model(cfg: FinetuneConfig, task, storage: Storage):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         model = FineTunedModel(encoder, task)
+    if cfg.model.drop_path >= 0:
+        for block in model.encoder.blocks:
+            block.drop_path.p = cfg.model.drop_path
     return model.train()
+
+
+@torch.no_grad()
+def recalibrate_head_norms(model, forward, batches, average=None) -> None:
+    """Set the head's input statistics (every FeatureNorm's running mean and variance) to those of the
+    model's eval-mode features over `batches` ((x, months) pairs, run through `forward`: the model or its
+    engine), averaged over ranks by `average` (in place on a tensor) when given. Leaves the model in eval mode.
+
+    Why: the pooled features are nearly one vector plus small chip-specific deviations, which FeatureNorm
+    divides by their tiny spread; BatchNorm's running statistics trail the features by ~10 steps and are
+    taken with drop path on, so after steps at a head-group lr (which includes the encoder's final norm) they
+    no longer describe the features being scored, and an evaluation or an exported model can predict one
+    class for every chip while the training loss keeps falling."""
+    from olmoearth.heads import FeatureNorm
+
+    norms = [m for m in model.head.modules() if isinstance(m, FeatureNorm)]
+    model.eval()
+    if not norms:
+        return
+    momenta = [n.momentum for n in norms]
+    for n in norms:
+        n.reset_running_stats()
+        n.momentum = None  # a cumulative average over the batches
+        n.train()
+    for x, months in batches:
+        forward(x, months)
+    for n, momentum in zip(norms, momenta, strict=True):
+        n.momentum = momentum
+        n.eval()
+        if average is not None:
+            average(n.running_mean)
+            average(n.running_var)
 
 
 def build_engine(cfg: FinetuneConfig, model, world_size: int, precision: str):
@@ -167,7 +203,7 @@ class FinetuneLoop:
             if t.log_every and b + 1 < self.steps and state.step % t.log_every == 0:
                 self._report({"loss": loss_sum / (b + 1)}, checkpoint=False)
         train_s = time.perf_counter() - started
-        row = self._epoch_row(loss_sum / self.steps, lrs, frozen, train_s, data_s)
+        row = self._epoch_row(loss_sum / self.steps, lrs, frozen, train_s, data_s, rows)
         self._finish_epoch(row, plateau)
 
     def _train_batch(self, rows: list[dict], rng: np.random.Generator):
@@ -193,7 +229,33 @@ class FinetuneLoop:
         if self.faults.get("train_step") == step and not self.resumed and self.rank == self.world_size - 1:
             raise RuntimeError(f"fault injection: worker {self.rank} fails at step {step} (train_step)")
 
-    def _epoch_row(self, loss: float, lrs: dict, frozen: bool, train_s: float, data_s: float) -> dict:
+    def _recalibrate(self, rows: list[dict]) -> None:
+        """The head's input statistics from the first train.recalibrate_rows of this rank's epoch rows (every
+        rank as many, so as many forwards), averaged over the ranks (recalibrate_head_norms)."""
+        import torch.distributed as dist
+
+        from pipelines.finetune.data import load_batch
+
+        part, size = rows[: self.cfg.train.recalibrate_rows], self.cfg.train.eval_batch_size
+        if not part:
+            return
+
+        def batches():
+            for i in range(0, len(part), size):
+                x, months, labels = load_batch(self.reader, part[i : i + size])
+                xt, mt, _ = to_device(x, months, labels, self.device)
+                yield xt, mt
+
+        def average(t: torch.Tensor) -> None:
+            dist.all_reduce(t)
+            t /= dist.get_world_size()
+
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        recalibrate_head_norms(self.engine.module, self.engine, batches(), average if distributed else None)
+        self.engine.train()
+
+    def _epoch_row(self, loss: float, lrs: dict, frozen: bool, train_s: float, data_s: float,
+                   rows: list[dict]) -> dict:
         state, t = self.state, self.cfg.train
         train = all_reduce_mean({"loss": loss, "train_s": train_s, "data_s": data_s}, self.device)
         samples = t.batch_size * self.steps * self.world_size
@@ -202,6 +264,7 @@ class FinetuneLoop:
                "data_wait_frac": train["data_s"] / max(train["train_s"], 1e-9)}  # fmt: skip
         row.update({f"lr/{name}": lr for name, lr in lrs.items()})
         started = time.perf_counter()
+        self._recalibrate(rows)
         for split in ("val", "test"):
             scores = self._evaluate(split)
             row.update({f"{split}/{k}": v for k, v in (scores or {}).items()})
