@@ -12,8 +12,9 @@ synthetic task, side by side in one run on a corpus written to local files.
    of the same initial encoder (the evaluation stage's probe), and the same fine-tuning started from a
    random-init encoder of the same size (another seed; with --init_from random:... both runs start random).
 
-    DS_ACCELERATOR=cpu python bench/finetune.py [--kind segmentation] [--epochs 10] [--tiles 16] \
-        [--init_from random:nano:0]
+    DS_ACCELERATOR=cpu python bench/finetune.py [--kind segmentation|classification] [--epochs N] \
+        [--tiles N] [--init_from random:nano:0]
+The recipe of each kind is its shipped config (configs/finetune_synth_seg.yaml, finetune_synth_cls.yaml).
 """
 
 from __future__ import annotations
@@ -30,22 +31,25 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
-def job_config(root: str, runs: str, kind: str, epochs: int, init_from: str, workers: int = 1):
+CONFIGS = {"segmentation": "configs/finetune_synth_seg.yaml", "classification": "configs/finetune_synth_cls.yaml"}
+TILES = {"segmentation": 16, "classification": 36}  # the corpora of tests/test_finetune.py
+
+
+def job_config(root: str, runs: str, kind: str, epochs: int | None, init_from: str, workers: int = 1):
+    """The shipped recipe of the kind (configs/finetune_synth_*.yaml), on this corpus, `workers` workers."""
+    import yaml
+
     from pipelines.common.config import from_dict
     from pipelines.finetune.config import FinetuneConfig
 
-    head = "upsample" if kind == "segmentation" else "linear"
-    return from_dict(FinetuneConfig, {
-        "data": {"format": "synth", "root": root, "kind": kind, "chips_per_tile": 8, "chip_size": 32,
-                 "max_timesteps": 1, "split": "geographic", "split_block": 1, "fractions": [0.6, 0.2, 0.2],
-                 "unseen_classes": "report"},
-        "model": {"init_from": init_from, "head": head},
-        "train": {"epochs": epochs, "batch_size": 8, "lr": 1e-2, "num_workers": workers, "cpus_per_worker": 1,
-                  "threads_per_worker": 1, "precision": "fp32", "zero_stage": 2, "log_every": 0},
-        # the recipe of tests/test_finetune.py: segmentation frozen-then-unfrozen, classification layer decay
-        "schedule": {"kind": "original" if kind == "segmentation" else "layer_decay"},
-        "run": {"name": f"bench-{kind}", "storage_path": runs, "keep_checkpoints": 1},
-    })  # fmt: skip
+    root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root_dir, CONFIGS[kind])) as f:
+        doc = yaml.safe_load(f)
+    doc["data"]["root"], doc["model"]["init_from"] = root, init_from
+    doc["train"].update({"num_workers": workers, "precision": "fp32", "log_every": 0,
+                         **({"epochs": epochs} if epochs else {})})  # fmt: skip
+    doc["run"] = {"name": f"bench-{kind}", "storage_path": runs, "keep_checkpoints": 1}
+    return from_dict(FinetuneConfig, doc)
 
 
 def run_job(cfg) -> tuple[dict, list[dict]]:
@@ -61,8 +65,9 @@ def run_job(cfg) -> tuple[dict, list[dict]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kind", default="segmentation", choices=["segmentation", "classification"])
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--tiles", type=int, default=16, help="labelled 256 px tiles of the corpus (8 chips each)")
+    ap.add_argument("--epochs", type=int, default=0, help="epochs; 0: the kind's config (10 / 6)")
+    ap.add_argument("--tiles", type=int, default=0, help="labelled 256 px tiles of the corpus; 0: 16 for "
+                    "segmentation, 36 for classification (the tests' corpora)")
     ap.add_argument("--init_from", default="random:nano:0", help="the encoder to fine-tune (olmoearth.load)")
     args = ap.parse_args()
 
@@ -79,7 +84,8 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp(prefix="bench-finetune-")
     root = os.path.join(tmp, "synth")
-    write_corpus(SynthConfig(num_samples=args.tiles, seed=3, labelled=True, timesteps=2, cloud_rate=0.0,
+    tiles = args.tiles or TILES[args.kind]
+    write_corpus(SynthConfig(num_samples=tiles, seed=3, labelled=True, timesteps=2, cloud_rate=0.0,
                              missing_timestep_rate=0.0, missing_modality_rate=0.0), root, Storage())  # fmt: skip
     cfg = job_config(root, os.path.join(tmp, "runs"), args.kind, args.epochs, args.init_from)
     init_ray(num_cpus=4)
@@ -105,7 +111,7 @@ def main() -> None:
     scratch_score = scores_on(scratch, reader, splits["test"])[metric]
     tuned = report["test_at_best"][metric]
 
-    print(f"# fine-tuning bench: {args.kind}, {args.epochs} epochs, {len(splits['train'])} train / "
+    print(f"# fine-tuning bench: {args.kind}, {cfg.train.epochs} epochs, {len(splits['train'])} train / "
           f"{len(splits['test'])} test chips, init {args.init_from}; job wall {job_s:.0f} s")
     print("| what | samples/s | test " + metric + " |")
     print("|---|---:|---:|")
