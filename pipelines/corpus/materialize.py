@@ -36,6 +36,7 @@ import numpy as np
 
 from olmoearth.modalities import MODALITIES, TILE_METRES
 from pipelines.common.faults import fault_plan
+from pipelines.common.iterables import grouped
 from pipelines.common.storage import Storage, join
 from pipelines.corpus import raw_layout as rl
 from pipelines.corpus.cells import CellRecord, cells_from_bbox, cells_from_ids, cells_from_parquet
@@ -199,17 +200,6 @@ def cells_per_task(total: int, cpus: float) -> int:
     return max(1, min(CELLS_PER_TASK, int(total // (2 * max(cpus, 1)))))
 
 
-def batches(jobs: Iterator[dict], size: int) -> Iterator[list[dict]]:
-    batch = []
-    for job in jobs:
-        batch.append(job)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def run_cells(jobs: Iterator[dict], total: int, cfg: MaterializeConfig,
               storage: Storage) -> tuple[list[dict], list[dict]]:  # fmt: skip
     """The cells in Ray tasks of a few consecutive cells each (`cells_per_task`; consecutive cells are
@@ -223,7 +213,7 @@ def run_cells(jobs: Iterator[dict], total: int, cfg: MaterializeConfig,
     cpus = ray.cluster_resources().get("CPU", 1)
     limit = cfg.max_in_flight or max(1, int(4 * cpus))
     pending, results, failed = {}, [], []
-    queue = batches(jobs, cells_per_task(total, cpus / cfg.num_cpus_per_task))
+    queue = grouped(jobs, cells_per_task(total, cpus / cfg.num_cpus_per_task))
     with tqdm(total=total, desc="materialize", unit="cell", disable=None) as bar:
         while True:
             while len(pending) < limit:

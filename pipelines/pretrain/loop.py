@@ -29,6 +29,7 @@ import torch
 from olmoearth.checkpoint import DS_TAG, REFERENCE_FILE, STATE_FILE
 from olmoearth.layout import DECODER, ENCODER, MISSING
 from olmoearth.modalities import MAX_PATCH_SIZE
+from pipelines.common.iterables import grouped
 from pipelines.common.storage import Storage
 from pipelines.pretrain.checkpoints import TrainState, restore_checkpoint, save_history, write_completeness
 from pipelines.pretrain.collective import all_reduce_mean, all_reduce_sum, epoch_iterator, gather_consumed
@@ -74,18 +75,6 @@ def cast_batch(batch: dict, dtype: torch.dtype) -> dict:
     out = dict(batch)
     out["x"] = {k: v.to(dtype) for k, v in batch["x"].items()}
     return out
-
-
-def grouped(it: Iterator, n: int) -> Iterator[list]:
-    """Consecutive groups of n items; a short tail is returned too (the caller decides)."""
-    group = []
-    for item in it:
-        group.append(item)
-        if len(group) == n:
-            yield group
-            group = []
-    if group:
-        yield group
 
 
 def waited(it: Iterator, meter: RunningMeter) -> Iterator:
