@@ -6,7 +6,6 @@ Exits 1 when a tile failed (the report names each one; rerun to retry only the u
 
 from __future__ import annotations
 
-import json
 import sys
 
 from pipelines.common.config import load_config
@@ -15,17 +14,12 @@ from pipelines.common.ray_start import init_ray
 
 def main(argv: list[str] | None = None) -> int:
     from serve.mapping.config import EmbedAreaConfig
-    from serve.mapping.embed_area import embed_area
+    from serve.mapping.embed_area import embed_area, print_summary
 
     cfg = load_config(EmbedAreaConfig, argv, description=__doc__)
     init_ray()
     report = embed_area(cfg)
-    summary = {k: report[k] for k in ("area_km2", "tiles", "encoded", "skipped_finished", "failed", "empty", "outputs")}
-    print(json.dumps(summary, indent=1))
-    if report["failed"]:
-        print(f"{len(report['failed'])} tile(s) failed; rerun the same command to retry them", file=sys.stderr)
-        return 1
-    return 0
+    return print_summary(report, ("area_km2", "tiles", "encoded", "skipped_finished", "failed", "empty", "outputs"))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ preview.png, report.json. Exits 1 when a tile failed (the report names each one;
 
 from __future__ import annotations
 
-import json
 import sys
 
 from pipelines.common.config import load_config
@@ -17,20 +16,15 @@ from pipelines.common.ray_start import init_ray
 
 
 def main(argv: list[str] | None = None) -> int:
+    from serve.mapping.embed_area import print_summary
     from serve.mapping.predict import predict_area
     from serve.mapping.predict_config import PredictConfig
 
     cfg = load_config(PredictConfig, argv, description=__doc__)
     init_ray()
     report = predict_area(cfg)
-    keys = ("area_km2", "tiles", "encoded", "skipped_finished", "failed", "empty", "map", "outputs")
-    print(json.dumps({k: report[k] for k in keys}, indent=1))
-    for w in report.get("warnings", []):
-        print(f"warning: {w}", file=sys.stderr)
-    if report["failed"]:
-        print(f"{len(report['failed'])} tile(s) failed; rerun the same command to retry them", file=sys.stderr)
-        return 1
-    return 0
+    return print_summary(report, ("area_km2", "tiles", "encoded", "skipped_finished", "failed", "empty", "map",
+                                  "outputs"))
 
 
 if __name__ == "__main__":

@@ -203,3 +203,17 @@ def steady_rate(rows: list[dict], per_tile_km2: float) -> float | None:
     if not later:
         return None
     return len(later) * per_tile_km2 / (later[-1] - ts[0])
+
+
+def print_summary(report: dict, keys: tuple[str, ...]) -> int:
+    """An area job's CLI ending: the report's `keys` as JSON on stdout, its warnings and failed tiles on
+    stderr -> the exit code (1 when a tile failed: rerunning the same command retries only those)."""
+    import sys
+
+    print(json.dumps({k: report[k] for k in keys}, indent=1))
+    for w in report.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
+    if report["failed"]:
+        print(f"{len(report['failed'])} tile(s) failed; rerun the same command to retry them", file=sys.stderr)
+        return 1
+    return 0
