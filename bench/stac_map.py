@@ -42,8 +42,12 @@ def _make_corpus():
     return mod.make_corpus
 
 
-def write_catalog(storage, root: str, base: str) -> str:
-    """The corpus's Sentinel-2 pixels of its first timestep as STAC items (one per cell) -> catalog URI."""
+def write_catalog(storage, root: str, base: str, scenes: int = 1) -> str:
+    """The corpus's Sentinel-2 pixels of its first timestep as STAC items -> catalog URI. Each cell is seen by
+    `scenes` acquisitions of the month (items `<sid>` and `<sid>_<k>`), all holding the cell's pixels; with
+    several, acquisition k's SCL is clear only on the k-th of `scenes` horizontal stripes (cloud elsewhere), so
+    a composite needs every one of them and still equals the corpus's pixels. Items carry the projection
+    extension's `proj:code`, `proj:bbox` and per asset `proj:shape` / `proj:transform`, as public catalogs do."""
     import pystac
     from affine import Affine
     from rasterio.warp import transform_bounds
@@ -65,24 +69,32 @@ def write_catalog(storage, root: str, base: str) -> str:
         img = x["sentinel2_l2a"][:, :, 0]  # (256, 256, 12) DN on 10 m, coarse bands repeated
         w, s_, e, n = transform_bounds(f"EPSG:{epsg}", "EPSG:4326", left, bottom, right, top)
         geom = {"type": "Polygon", "coordinates": [[[w, s_], [e, s_], [e, n], [w, n], [w, s_]]]}
-        item = pystac.Item(sid, geom, [w, s_, e, n],
-                           dt.datetime.fromisoformat(START + "T12:00:00"),
-                           {"proj:code": f"EPSG:{epsg}", "eo:cloud_cover": 0.0, "s2:processing_baseline": "03.01"})  # fmt: skip
-        c = 0
-        for bs in MODALITIES["sentinel2_l2a"].bandsets:
-            f = int(round(bs.resolution / BASE_GSD))
-            for band in bs.bands:
-                dn = np.nan_to_num(img[::f, ::f, c], nan=0).astype(np.uint16)  # undo the repetition: stored form
-                c += 1
-                uri = f"{base}/cogs/{sid}/{band}.tif"
-                t = Affine(bs.resolution, 0, left, 0, -bs.resolution, top)
-                storage.write_bytes(uri, geotiff_bytes(dn[None], epsg, t, nodata=0, block=64))
-                item.add_asset(band, pystac.Asset(uri))
-        scl = np.full((1, 128, 128), 4, np.uint8)
-        uri = f"{base}/cogs/{sid}/SCL.tif"
-        storage.write_bytes(uri, geotiff_bytes(scl, epsg, Affine(20.0, 0, left, 0, -20.0, top), nodata=0, block=64))
-        item.add_asset("SCL", pystac.Asset(uri))
-        coll.add_item(item)
+        for k in range(scenes):
+            item_id = sid if k == 0 else f"{sid}_{k}"
+            item = pystac.Item(item_id, geom, [w, s_, e, n], dt.datetime.fromisoformat(START + f"T{10 + k:02d}:00:00"),
+                               {"proj:code": f"EPSG:{epsg}", "proj:bbox": [left, bottom, right, top],
+                                "eo:cloud_cover": 100.0 * (1 - 1 / scenes) + k / 100, "s2:processing_baseline": "03.01"})  # fmt: skip
+            c = 0
+            for bs in MODALITIES["sentinel2_l2a"].bandsets:
+                f = int(round(bs.resolution / BASE_GSD))
+                for band in bs.bands:
+                    dn = np.nan_to_num(img[::f, ::f, c], nan=0).astype(np.uint16)  # undo the repetition: stored form
+                    c += 1
+                    uri = f"{base}/cogs/{item_id}/{band}.tif"
+                    t = Affine(bs.resolution, 0, left, 0, -bs.resolution, top)
+                    storage.write_bytes(uri, geotiff_bytes(dn[None], epsg, t, nodata=0, block=64))
+                    item.add_asset(band, pystac.Asset(uri, extra_fields={"proj:shape": list(dn.shape),
+                                                                        "proj:transform": list(t)[:6]}))  # fmt: skip
+            scl = np.full((1, 128, 128), 4, np.uint8)  # 4: vegetation (clear)
+            if scenes > 1:
+                stripe = np.arange(128) * scenes // 128  # row -> stripe
+                scl[0, stripe != k] = 9  # cloud, high probability
+            uri = f"{base}/cogs/{item_id}/SCL.tif"
+            t = Affine(20.0, 0, left, 0, -20.0, top)
+            storage.write_bytes(uri, geotiff_bytes(scl, epsg, t, nodata=0, block=64))
+            item.add_asset("SCL", pystac.Asset(uri, extra_fields={"proj:shape": [128, 128],
+                                                                 "proj:transform": list(t)[:6]}))  # fmt: skip
+            coll.add_item(item)
     coll.normalize_hrefs(f"{base}/stac")
     coll.save(pystac.CatalogType.SELF_CONTAINED, stac_io=storage_stac_io(storage))
     return f"{base}/stac/collection.json"

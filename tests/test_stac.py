@@ -487,3 +487,37 @@ def test_item_list_partitioned_to_workers(catalog, ray_cluster, monkeypatch):
     assert np.isnan(x).all() and worker._group_items == {stac.group_key(outside[0]): []}
     assert [r["id"] for r in worker.items_for(inside[0])] == [r["id"] for r in src.items]
     assert set(worker._group_items) == {stac.group_key(outside[0]), stac.group_key(inside[0])}
+
+
+def test_native_footprint_from_the_projection_extension():
+    """Items carrying the projection extension get their exact footprint in their own CRS (Planetary
+    Computer's item `proj:bbox`, Earth Search's per-asset `proj:shape` + `proj:transform`); a scene that only
+    borders a cell is then not handed to it, where the lon/lat bbox taken into UTM would overlap it."""
+    from rasterio.warp import transform_bounds
+
+    from pipelines.imagery.stac import item_bounds, native_footprint
+
+    tile = [399960.0, 4090200.0, 509760.0, 4200000.0]  # an MGRS tile, EPSG:32618
+    pc = {"properties": {"proj:code": "EPSG:32618", "proj:bbox": tile}, "assets": {}}
+    assert native_footprint(pc) == ["EPSG:32618", *tile]
+    es = {"properties": {"proj:epsg": 32618},
+          "assets": {"red": {"proj:shape": [10980, 10980], "proj:transform": [10, 0, 399960, 0, -10, 4200000]},
+                     "scl": {"proj:shape": [5490, 5490], "proj:transform": [20, 0, 399960, 0, -20, 4200000, 0, 0, 1]},
+                     "thumbnail": {"href": "preview.jpg"}}}  # fmt: skip
+    assert native_footprint(es) == ["EPSG:32618", *tile]
+    half = {"properties": {"proj:epsg": 32618}, "assets": {"red": {"proj:shape": [10980, 10980]}}}
+    assert native_footprint(half) is None  # a transform is missing: the lon/lat bbox is used
+    assert native_footprint({"properties": {}, "assets": {}}) is None
+    mixed = {"properties": {}, "assets": {
+        "a": {"proj:code": "EPSG:32618", "proj:shape": [2, 2], "proj:transform": [10, 0, 0, 0, -10, 20]},
+        "b": {"proj:code": "EPSG:32619", "proj:shape": [2, 2], "proj:transform": [10, 0, 0, 0, -10, 20]}}}
+    assert native_footprint(mixed) is None  # no one CRS for the whole item
+
+    # the scene east of a cell whose east edge is the scene's west edge
+    lonlat = list(transform_bounds("EPSG:32618", "EPSG:4326", *tile, densify_pts=21))
+    exact = item_bounds({"footprint": native_footprint(pc), "bbox": lonlat}, "EPSG:32618")
+    loose = item_bounds({"footprint": None, "bbox": lonlat}, "EPSG:32618")
+    assert exact == tuple(tile)
+    assert loose[0] < tile[0] - 100  # the lon/lat box reaches over 100 m into the cell west of the scene
+    other_zone = item_bounds({"footprint": native_footprint(pc)}, "EPSG:32617")
+    assert other_zone[0] > 500000  # taken into another CRS (the zone to the west): east of its centre

@@ -43,7 +43,7 @@ from pipelines.corpus.cells import CellRecord, cells_from_bbox, cells_from_ids, 
 from pipelines.corpus.materialize_cell import DONE_FOLDER, materialize_cells, timestep_rows
 from pipelines.corpus.materialize_config import MaterializeConfig, check_config
 from pipelines.corpus.osm_stage import write_osm_rasters
-from pipelines.imagery.grid import Grid, bbox_to_crs
+from pipelines.imagery.grid import Grid
 
 log = logging.getLogger(__name__)
 REPORT_FILE = "materialize_report.json"
@@ -140,16 +140,11 @@ def plan_jobs(cfg: MaterializeConfig, cells: list[CellRecord], storage: Storage,
 
 
 def footprints(items: list[dict], crs: str) -> np.ndarray:
-    """(n, 4) left, bottom, right, top in `crs` of each item record's lon/lat bbox (unbounded if it has none)."""
-    out = np.empty((len(items), 4))
-    for i, rec in enumerate(items):
-        b = rec.get("bbox")
-        if not b:
-            out[i] = (-np.inf, -np.inf, np.inf, np.inf)
-            continue
-        b = b if len(b) == 4 else [b[j] for j in (0, 1, 3, 4)]
-        out[i] = bbox_to_crs(tuple(b), "EPSG:4326", crs)
-    return out
+    """(n, 4) left, bottom, right, top in `crs` of each item record (`item_bounds`: exact from the item's
+    projection fields when it has them)."""
+    from pipelines.imagery.stac import item_bounds
+
+    return np.array([item_bounds(rec, crs) for rec in items], float).reshape(len(items), 4)
 
 
 def files_by_cell(out: str, storage: Storage, sids: set[str], keep_osm: bool,

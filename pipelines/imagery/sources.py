@@ -15,6 +15,7 @@ blocks needed, with GDAL's block cache shared by neighbouring tiles.
 from __future__ import annotations
 
 import functools
+import threading
 from collections import OrderedDict
 from typing import Protocol
 
@@ -24,6 +25,8 @@ from olmoearth.modalities import MISSING_VALUE, MODALITIES
 from pipelines.common.storage import Storage
 from pipelines.imagery.geotiff import DRIVER, SAFE_ENV
 from pipelines.imagery.grid import Grid, Tile
+
+READ_THREADS = 8  # files one worker reads at once (object storage latency, not CPU, bounds a tile's reads)
 
 
 class ImageSource(Protocol):
@@ -56,30 +59,64 @@ def gdal_env(storage: Storage) -> dict:
 
 class Handles:
     """Open rasterio datasets by URI, least recently used closed beyond `size`: one open (header read) per
-    file and worker instead of one per tile."""
+    file and worker instead of one per tile. Thread-safe; `map` reads several files at once in `threads`
+    reader threads, so a tile's waits on object storage (one round trip per band file) overlap."""
 
-    def __init__(self, storage: Storage, size: int = 64):
-        self.env, self.size = {**SAFE_ENV, **gdal_env(storage)}, size
+    def __init__(self, storage: Storage, size: int = 64, threads: int = READ_THREADS):
+        self.env, self.size, self.threads = {**SAFE_ENV, **gdal_env(storage)}, size, threads
         self._open: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool = None  # the reader threads, started on first use
 
     def get(self, uri: str):
         import rasterio
 
-        ds = self._open.get(uri)
-        if ds is None:
-            with rasterio.Env(**self.env):
-                ds = rasterio.open(uri, driver=DRIVER)  # GeoTIFF/COG only, as every reader of ours
+        with self._lock:
+            ds = self._open.get(uri)
+            if ds is not None:
+                self._open.move_to_end(uri)
+                return ds
+        with rasterio.Env(**self.env):  # outside the lock: other threads open theirs meanwhile
+            ds = rasterio.open(uri, driver=DRIVER)  # GeoTIFF/COG only, as every reader of ours
+        with self._lock:
+            if uri in self._open:  # another thread opened it first: keep one
+                ds.close()
+                ds = self._open[uri]
             self._open[uri] = ds
+            self._open.move_to_end(uri)
             while len(self._open) > self.size:
                 self._open.popitem(last=False)[1].close()
-        self._open.move_to_end(uri)
         return ds
 
     def drop(self, uri: str) -> None:
         """Close and forget the handle of `uri` (after a failed read: the next try opens it afresh)."""
-        ds = self._open.pop(uri, None)
+        with self._lock:
+            ds = self._open.pop(uri, None)
         if ds is not None:
             ds.close()
+
+    def close(self) -> None:
+        """Close every open file."""
+        with self._lock:
+            handles, self._open = list(self._open.values()), OrderedDict()
+        for ds in handles:
+            ds.close()
+
+    def map(self, fn, items: list) -> list:
+        """[fn(item) for item in items], run in the reader threads (each inside this GDAL environment); the
+        first exception is raised."""
+        if self.threads <= 1 or len(items) <= 1:
+            return [fn(item) for item in items]
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cog-read", initializer=self._enter_env)
+        return list(self._pool.map(fn, items))
+
+    def _enter_env(self) -> None:
+        import rasterio
+
+        rasterio.Env(**self.env).__enter__()  # GDAL's options are per thread: held for the thread's lifetime
 
     def env_ctx(self):
         import rasterio

@@ -8,7 +8,8 @@ once on the driver, read per tile as windows of their COGs, masked, harmonised a
 `stac` is a STAC API (searched with pystac-client: collections, the area's lon/lat box, the time range) or a
 static catalog / collection / ItemCollection JSON at any URI (local, s3://, http(s)://; walked with pystac and
 filtered the same way). Each item becomes a small record (`item_record`): its month on the job's timeline, its
-cloud cover, its footprint, its own href, the href of each registry band and of its cloud mask, and its
+cloud cover, its footprint (exact from the projection extension when the item has it, else its lon/lat bbox),
+its own href, the href of each registry band and of its cloud mask, and its
 radiometric rule (`pipelines.imagery.units`). The records are the source's spec: workers never search. An area
 job partitions them (`spec(tiles, grid)`): each block of GROUP_TILES x GROUP_TILES tiles gets the records
 meeting it, put once in the Ray object store, and a worker fetches only the blocks of the tiles it reads, so a
@@ -194,13 +195,55 @@ def item_record(d: dict, modality: str, first: tuple[int, int], overrides: dict 
     self_href = next((link.get("href") for link in d.get("links", []) if link.get("rel") == "self"), None)
     rec = {"id": d.get("id"), "collection": d.get("collection"), "href": self_href, "modality": modality, "datetime": when,
            "k": item_month(when, first), "cloud": float(props.get("eo:cloud_cover", 0.0) or 0.0),
-           "bbox": d.get("bbox"), "assets": hrefs,
+           "bbox": d.get("bbox"), "footprint": native_footprint(d), "assets": hrefs,
            "mask": (mask_key, assets[mask_key]["href"]) if mask_key else None, "offset": 0.0, "db": False}  # fmt: skip
     if modality == "sentinel2_l2a":
         rec["offset"] = units.s2_dn_offset(props, first_band.get("raster:bands"))
     elif modality == "sentinel1":
         rec["db"] = units.s1_needs_db(first_band.get("raster:bands"))
     return rec
+
+
+def native_footprint(d: dict) -> list | None:
+    """[crs, left, bottom, right, top] of an item's rasters in their own CRS, from the projection extension:
+    the item's `proj:bbox`, else the union of its assets' (or the item's) `proj:transform` + `proj:shape`.
+    None when the item does not say (its lon/lat bbox is used instead). The exact extent matters: the lon/lat
+    bbox taken into a UTM grid is larger, so the scenes next to a cell would be opened for it."""
+    props = d.get("properties", {})
+
+    def crs_of(fields: dict) -> str | None:
+        return fields.get("proj:code") or (f"EPSG:{fields['proj:epsg']}" if fields.get("proj:epsg") else None)
+
+    crs = crs_of(props)
+    if crs and len(props.get("proj:bbox") or ()) == 4:
+        return [crs, *map(float, props["proj:bbox"])]
+    boxes = []
+    for fields in [a for a in d.get("assets", {}).values() if "proj:shape" in a] or [props]:
+        t, shape, c = fields.get("proj:transform"), fields.get("proj:shape"), crs_of(fields) or crs
+        if not (t and shape and c and len(t) >= 6 and len(shape) == 2):
+            return None
+        if boxes and c != boxes[0][0]:
+            return None  # assets in several CRSs: no one box
+        a = Affine(*map(float, t[:6]))
+        xs, ys = zip(*(a * (col, row) for col in (0, shape[1]) for row in (0, shape[0])), strict=True)
+        boxes.append((c, min(xs), min(ys), max(xs), max(ys)))
+    if not boxes:
+        return None
+    return [boxes[0][0], min(b[1] for b in boxes), min(b[2] for b in boxes), max(b[3] for b in boxes),
+            max(b[4] for b in boxes)]
+
+
+def item_bounds(rec: dict, crs: str) -> tuple[float, float, float, float]:
+    """(left, bottom, right, top) in `crs` of an item record: its native footprint (exact when it is in `crs`),
+    else its lon/lat bbox taken into `crs`, else unbounded."""
+    fp = rec.get("footprint")
+    if fp:
+        return tuple(fp[1:]) if as_crs(fp[0]) == as_crs(crs) else bbox_to_crs(tuple(fp[1:]), fp[0], crs)
+    b = rec.get("bbox")
+    if not b:
+        return (-np.inf, -np.inf, np.inf, np.inf)
+    b = b if len(b) == 4 else [b[i] for i in (0, 1, 3, 4)]
+    return bbox_to_crs(tuple(b), "EPSG:4326", crs)
 
 
 def _check_crs(props: dict, name: str) -> None:
@@ -387,14 +430,11 @@ class StacSource:
         return "; ".join(self._gaps.get(tile.id, []))
 
     def _meets_tile(self, rec: dict, grid: Grid, bounds: tuple) -> bool:
-        """Whether the item's footprint (its lon/lat bbox, taken into the grid's CRS once) meets the tile."""
-        if not rec["bbox"]:
-            return True
+        """Whether the item's footprint (`item_bounds` in the grid's CRS, taken once) meets the tile."""
         key = (rec["id"], rec["collection"], grid.crs)
         fp = self._footprints.get(key)
         if fp is None:
-            b = rec["bbox"] if len(rec["bbox"]) == 4 else [rec["bbox"][i] for i in (0, 1, 3, 4)]
-            fp = self._footprints[key] = bbox_to_crs(tuple(b), "EPSG:4326", grid.crs)
+            fp = self._footprints[key] = item_bounds(rec, grid.crs)
         return not (fp[0] >= bounds[2] or fp[2] <= bounds[0] or fp[1] >= bounds[3] or fp[3] <= bounds[1])
 
     def explain_empty(self, tile: Tile) -> str | None:
@@ -402,29 +442,33 @@ class StacSource:
         return self._empty.get(tile.id)
 
     def _add_scene(self, comp: Composite, rec: dict, tile: Tile, grid: Grid, bounds: tuple) -> None:
-        """One item's pixels of the tile in model units, masked, added to the month's composite. A scene none of
-        whose band files reaches the tile (a neighbour whose footprint only touches it) adds nothing: skipped
-        before any pixel is read."""
+        """One item's pixels of the tile in model units, masked, added to the month's composite: its band files
+        and mask read at once (`Handles.map`). A scene none of whose band files reaches the tile (a neighbour
+        whose footprint only touches it) adds nothing."""
         m = rec["modality"]
-        pixels = np.full((tile.size, tile.size, MODALITIES[m].num_bands), np.nan, np.float32)  # registry band order
-        seen, c = False, 0
-        for bs in MODALITIES[m].bandsets:
-            for b in bs.bands:
-                vals = self._band(rec, b, bs.resolution, tile, grid, bounds)
-                if vals is not None:
-                    pixels[:, :, c] = vals
-                    seen = True
-                c += 1
-        if not seen:
+        bands = [(b, bs.resolution) for bs in MODALITIES[m].bandsets for b in bs.bands]  # registry band order
+        mask_job = [None] if rec["mask"] is not None else []
+
+        def read(job):  # one file: a band, or (None) the mask
+            if job is None:
+                return self._warp(rec, *rec["mask"], BASE_GSD, tile, grid, bounds, native=True)
+            return self._band(rec, *job, tile, grid, bounds)
+
+        files = self.handles.map(read, bands + mask_job)  # all of the scene's files at once
+        vals, mask = files[: len(bands)], (files[-1] if mask_job else None)
+        if all(v is None for v in vals):
             return
+        pixels = np.full((tile.size, tile.size, len(bands)), np.nan, np.float32)
+        for c, v in enumerate(vals):
+            if v is not None:
+                pixels[:, :, c] = v
         if m == "sentinel2_l2a":
             units.harmonise_s2(pixels, rec["offset"])
         elif m == "sentinel1" and rec["db"]:
             units.power_to_db(pixels)
         clear = None
-        if rec["mask"] is not None:
-            key, href = rec["mask"]
-            mask, res = self._warp(rec, key, href, BASE_GSD, tile, grid, bounds, native=True)
+        if mask is not None:
+            mask, res = mask
             if mask is None:
                 return  # no mask value over the tile: no pixel is clear
             clear = clear_pixels(m, units.to_10m(mask, res)[: tile.size, : tile.size], self.cloud_classes.get(m))
