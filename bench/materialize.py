@@ -14,7 +14,10 @@ the projection extension's exact footprints, as public catalogs have. Then:
   opened with rasterio and the cell's window read, an item's files at once in the reader threads the job uses
   (no warping, masking, compositing, conversion or writing): the same COG bytes with the same I/O overlap,
   the floor of what any reader pays;
-- `ratio materialize_vs_raw_read`: (materialise cells/s / cores) / (raw read cells/s); target >= 0.6.
+- `ratio materialize_vs_raw_read`: (materialise cells/s / cores) / (raw read cells/s); target >= 0.6;
+- `ratio raw_read_cpu_over_materialize_cpu`: CPU seconds per cell of the raw read over the job's, each counted
+  over this process and the processes it started (the Ray cluster, the S3 server): what the job's work costs
+  beside the bytes, whatever else runs on the machine.
 
 SeaweedFS runs on the same cores: the raw read's one process leaves the server a core, the job's workers
 share theirs with it.
@@ -78,6 +81,31 @@ def raw_read(cfg, storage) -> float:
     return time.perf_counter() - t0
 
 
+def tree_cpu_seconds() -> dict[int, float]:
+    """CPU seconds (user + system) so far of this process and every process it started: the Ray cluster's
+    (raylet, workers) and the S3 server's. Other programs on the machine are not counted."""
+    import psutil
+
+    me, out = psutil.Process(), {}
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            out[p.pid] = t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:
+            pass
+    return out
+
+
+def cpu_spent(fn, *args):
+    """(fn(*args), wall seconds, CPU seconds of the process tree)."""
+    before = tree_cpu_seconds()
+    t0 = time.perf_counter()
+    result = fn(*args)
+    wall = time.perf_counter() - t0
+    after = tree_cpu_seconds()
+    return result, wall, sum(t - before.get(pid, 0.0) for pid, t in after.items())
+
+
 def check_equal(storage, raw: str, out: str, sids: list[str]) -> None:
     """The materialised Sentinel-2 files hold exactly the corpus's pixels."""
     from olmoearth.modalities import MODALITIES
@@ -104,24 +132,28 @@ def run(args, storage) -> None:
     from pipelines.corpus.raw_layout import list_samples
 
     sids = sorted(list_samples(bucket + "/raw", storage))
-    mat, raw = [], []
+    mat, raw, mat_cpu, raw_cpu = [], [], [], []
     for k in range(args.repeats):
         out = f"{bucket}/out-{k}"
         cfg = MaterializeConfig(cell_ids=sids, time_start=START, time_end=END, stac=catalog,
                                 collections={"sentinel2_l2a": "sentinel-2-l2a"}, out=out)  # fmt: skip
-        t0 = time.perf_counter()
-        report = materialize(cfg, storage)
-        mat.append(time.perf_counter() - t0)
+        report, wall, cpu = cpu_spent(materialize, cfg, storage)
+        mat.append(wall), mat_cpu.append(cpu)
         assert report["written"] == len(sids) and not report["failed"], report
         check_equal(storage, bucket + "/raw", out, sids)
-        raw.append(raw_read(cfg, storage))
+        _, wall, cpu = cpu_spent(raw_read, cfg, storage)
+        raw.append(wall), raw_cpu.append(cpu)
     n = len(sids)
     mat_rate, raw_rate = n / min(mat), n / min(raw)
+    mat_ms, raw_ms = 1000 * min(mat_cpu) / n, 1000 * min(raw_cpu) / n
     print(f"cells: {n} cells, {args.scenes} scene(s) each")
     print(f"materialize_throughput: {mat_rate:.3f} cells/s on {args.cores} cores (runs {', '.join(f'{n / s:.3f}' for s in mat)})")
     print(f"materialize_per_core: {mat_rate / args.cores:.3f} cells/s/core")
     print(f"raw_read_throughput: {raw_rate:.3f} cells/s on 1 core (runs {', '.join(f'{n / s:.3f}' for s in raw)})")
+    print(f"materialize_cpu: {mat_ms:.1f} ms/cell (CPU of driver, Ray workers and S3 server)")
+    print(f"raw_read_cpu: {raw_ms:.1f} ms/cell (CPU of the reading process and S3 server)")
     print(f"ratio materialize_vs_raw_read: {mat_rate / args.cores / raw_rate:.3f}")
+    print(f"ratio raw_read_cpu_over_materialize_cpu: {raw_ms / mat_ms:.3f}")
 
 
 def main() -> int:
