@@ -12,7 +12,10 @@ more queries (`decoded_queries_*` per step); the plain figure names (`nano_ours_
 nano_ours/original`) are the previous masking's, as before; `*_corrected` the same with the corrected masks,
 and `ratio {size}_ours_step_time_corrected/previous` what the extra queries cost our step.
 
-    (a) ours: `model(batch)` (encoder, decoder, frozen target projection, patch-disc + InfoNCE, D4 augment)
+    (a) ours: `model(batch)` (encoder, decoder, frozen target projection, patch-disc + InfoNCE, D4 augment);
+        the encoder's visible tokens and the decoder's queries and context run back to back, without padding
+    (a') ours_padded: the same model on its padded reference paths (Encoder.encode_padded,
+        Decoder.forward_padded: every sample padded to the longest, key-padding masks), as ours ran before
     (b) the original (`olmoearth_pretrain_minimal`, random weights, from its EncoderConfig / PredictorConfig /
         LatentMIMConfig), same sizes, same inputs and masks; its target = target_encoder exit 0; its outputs
         go through the same loss functions as ours (the loss code is not in the minimal package)
@@ -21,8 +24,9 @@ and `ratio {size}_ours_step_time_corrected/previous` what the extra queries cost
         transformer compute of the same step; a/c = our overhead (tokenising, encodings, packing, target,
         losses, cross- instead of self-attention).
 
-tokens/s counts the 2160 sample tokens x 16 per step for all of them. Runs are interleaved (a, b, c, a, b,
-c, ... over both mask sets) so load from other processes hits all alike; the median step time is reported.
+tokens/s counts the 2160 sample tokens x 16 per step for all of them; `ratio {size}_ours_unpadded/padded`
+is what running without padding buys (a / a'). Runs are interleaved (a, a', b, c, a, a', b, c, ... over both
+mask sets) so load from other processes hits all alike; the median step time is reported.
 
     python bench/model_step.py [--sizes nano,tiny] [--steps 1] [--device cpu]
 """
@@ -30,6 +34,7 @@ c, ... over both mask sets) so load from other processes hits all alike; the med
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -182,6 +187,14 @@ def bare_step(model, opt, inputs):
 
 
 # ------------------------------------------------------------------------------------------------
+def padded_reference(model):
+    """A copy of `model` (same weights) that runs the padded reference paths of encoder and decoder."""
+    model = copy.deepcopy(model)
+    model.encoder.encode_unpadded = model.encoder.encode_padded
+    model.decoder.forward = model.decoder.forward_padded
+    return model
+
+
 def ours_step(model, opt, batch):
     out = model(batch)
     opt.zero_grad(set_to_none=True)
@@ -218,10 +231,12 @@ def main():
         times = measure(size, batches, dev, args.steps)
         tps = {k: tokens / statistics.median(v) for k, v in times.items()}
         for suffix in ("", "_corrected"):
-            for k in ("ours", "original", "bare"):
+            for k in ("ours", "ours_padded", "original", "bare"):
                 print(f"{size}_{k}{suffix}_tokens_per_s: {tps[k + suffix]:.0f} tokens/s")
             print(f"ratio {size}_ours/original{suffix}: {tps['ours' + suffix] / tps['original' + suffix]:.2f}")
             print(f"ratio {size}_ours/bare{suffix}: {tps['ours' + suffix] / tps['bare' + suffix]:.2f}")
+            print(f"ratio {size}_ours_unpadded/padded{suffix}: "
+                  f"{tps['ours' + suffix] / tps['ours_padded' + suffix]:.2f}")
         for k in ("ours", "original"):
             print(f"ratio {size}_{k}_step_time_corrected/previous: {tps[k] / tps[k + '_corrected']:.2f}")
 
@@ -229,10 +244,12 @@ def main():
 def measure(size, batches, dev, steps) -> dict[str, list[float]]:
     """Step times of every implementation under both mask sets ("ours", "ours_corrected", ...), interleaved."""
     ours = build_model(size).to(dev).train()
+    padded = padded_reference(ours)
     cfg = ours.config
     orig = build_original(cfg, dev).train()
     bare = Bare(cfg).to(dev).train()
     opts = {"ours": torch.optim.AdamW(ours.param_groups(0.02), lr=1e-4),
+            "ours_padded": torch.optim.AdamW(padded.param_groups(0.02), lr=1e-4),
             "original": torch.optim.AdamW([p for p in orig.parameters() if p.requires_grad], lr=1e-4),
             "bare": torch.optim.AdamW(bare.parameters(), lr=1e-4)}
     runs = {}
@@ -240,6 +257,7 @@ def measure(size, batches, dev, steps) -> dict[str, list[float]]:
         batch = batches[masking]
         samples, full = original_samples(batch)
         runs["ours" + suffix] = partial(ours_step, ours, opts["ours"], batch)
+        runs["ours_padded" + suffix] = partial(ours_step, padded, opts["ours_padded"], batch)
         runs["original" + suffix] = partial(original_step, orig, opts["original"], samples, full)
         runs["bare" + suffix] = partial(bare_step, bare, opts["bare"], bare_inputs(batch, cfg, dev))
     times = {k: [] for k in runs}

@@ -22,22 +22,21 @@ class Attention(nn.Module):
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None, seq_lengths: list[int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                seq_lengths: list[int] | None = None, key_lengths: list[int] | None = None) -> torch.Tensor:
         """x: (B, N, D) queries; y: (B, M, D) keys/values (None: self-attention); key_mask: (B, M) bool,
         True = attend. Returns (B, N, D).
 
-        seq_lengths (self-attention only, B == 1, no key_mask): x holds several sequences back to back, of
-        these lengths (each > 0, summing to N); each attends only within itself. Same result as padding them
-        into a batch with a key-padding mask, without the padded rows and the mask (which keeps SDPA on its
-        unmasked kernel)."""
+        seq_lengths (B == 1, no key_mask): x holds several sequences back to back, of these lengths (each >= 0,
+        summing to N). Self-attention: each attends only within itself. Cross-attention: y (1, M, D) holds as
+        many key sequences back to back, of `key_lengths` (summing to M), and query sequence i attends to key
+        sequence i only; one with no keys attends to a single zero key, as it does in the padded batch under
+        tokens.key_padding_mask. Same result as padding them into a batch with a key-padding mask, without the
+        padded rows and the mask (which keeps SDPA on its unmasked kernel)."""
         B, N, D = x.shape
         H = self.num_heads
-        bad_lengths = seq_lengths is not None and (y is not None or key_mask is not None or B != 1
-                                                   or sum(seq_lengths) != N)
-        if bad_lengths:
-            raise ValueError(f"seq_lengths needs self-attention over one (1, N, D) row without key_mask; "
-                             f"got x {tuple(x.shape)}, lengths summing to {sum(seq_lengths)}")
+        if seq_lengths is not None:
+            self.check_lengths(x, y, key_mask, seq_lengths, key_lengths)
         if y is None:  # one GEMM for q, k, v (same math as three Linears)
             w = torch.cat([self.q.weight, self.k.weight, self.v.weight])  # (3D, D)
             b = torch.cat([self.q.bias, self.k.bias, self.v.bias]) if self.q.bias is not None else None
@@ -49,13 +48,40 @@ class Attention(nn.Module):
             k = self.k(y).view(B, M, H, D // H).transpose(1, 2)  # (B, H, M, hd)
             v = self.v(y).view(B, M, H, D // H).transpose(1, 2)
         if seq_lengths is not None:
-            parts = [F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)  # (1, n, H, hd)
-                     for qs, ks, vs in zip(q.split(seq_lengths, 2), k.split(seq_lengths, 2),
-                                           v.split(seq_lengths, 2), strict=True)]
-            return self.proj(torch.cat(parts, dim=1).reshape(B, N, D))
+            out = self.attend_per_sequence(q, k, v, seq_lengths, seq_lengths if y is None else key_lengths)
+            return self.proj(out.reshape(B, N, D))
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, M)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, hd)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+    @staticmethod
+    def check_lengths(x, y, key_mask, seq_lengths, key_lengths) -> None:
+        N, M = x.shape[1], None if y is None else y.shape[1]
+        bad = key_mask is not None or x.shape[0] != 1 or sum(seq_lengths) != N or min(seq_lengths, default=0) < 0
+        if y is None:
+            bad = bad or key_lengths is not None
+        else:
+            bad = (bad or y.shape[0] != 1 or key_lengths is None or len(key_lengths) != len(seq_lengths)
+                   or sum(key_lengths) != M or min(key_lengths, default=0) < 0)
+        if bad:
+            raise ValueError(f"seq_lengths needs (1, N, D) rows (and (1, M, D) keys with as many key_lengths) "
+                             f"without key_mask; got x {tuple(x.shape)}, y {None if y is None else tuple(y.shape)}, "
+                             f"seq_lengths summing to {sum(seq_lengths)}, key_lengths {key_lengths}")
+
+    def attend_per_sequence(self, q, k, v, q_lengths: list[int], k_lengths: list[int]) -> torch.Tensor:
+        """q: (1, H, N, hd), k, v: (1, H, M, hd), sequences back to back -> (1, N, H, hd), sequence i of q
+        attending to sequence i of k, v only."""
+        _, H, N, hd = q.shape
+        parts = []
+        for qs, ks, vs in zip(q.split(q_lengths, 2), k.split(k_lengths, 2), v.split(k_lengths, 2), strict=True):
+            if qs.shape[2] == 0:
+                continue
+            if ks.shape[2] == 0:  # no keys: the padded batch's single unmasked zero slot
+                zero = q.new_zeros(1, 1, H * hd)
+                ks = self.k(zero).view(1, 1, H, hd).transpose(1, 2)  # (1, H, 1, hd)
+                vs = self.v(zero).view(1, 1, H, hd).transpose(1, 2)
+            parts.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2))  # (1, n, H, hd)
+        return torch.cat(parts, dim=1) if parts else q.new_zeros(1, 0, H, hd)
 
 
 class Mlp(nn.Module):
@@ -70,17 +96,27 @@ class Mlp(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample (training only)."""
+    """Stochastic depth per sample (training only): each sample's branch is kept with probability 1 - p and
+    scaled by 1 / (1 - p), or dropped whole.
+
+    x: (B, ...) one sample per row, or with seq_lengths (B ints) x (1, N, D) holding B samples back to back.
+    Either way one Bernoulli draw per sample, B draws in sample order from the global RNG (empty samples
+    included), so the padded batch and the same samples back to back drop the same samples."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seq_lengths: list[int] | None = None) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
-        r = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        if seq_lengths is None:
+            r = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, ...)
+        else:
+            draws = x.new_empty(len(seq_lengths)).bernoulli_(keep)  # (B,)
+            repeats = torch.tensor(seq_lengths, device=x.device)
+            r = draws.repeat_interleave(repeats, output_size=x.shape[1])[None, :, None]  # (1, N, 1)
         return x * r / keep
 
 
@@ -100,15 +136,12 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None, seq_lengths: list[int] | None = None) -> torch.Tensor:
-        """seq_lengths: see Attention.forward. Drop path draws one value per row of x, so with sequences
-        stored back to back it would drop them together: not allowed while drop path is active."""
-        if seq_lengths is not None and self.training and self.drop_path.p > 0:
-            raise ValueError("seq_lengths with an active drop path would drop all sequences together")
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                seq_lengths: list[int] | None = None, key_lengths: list[int] | None = None) -> torch.Tensor:
+        """seq_lengths, key_lengths: see Attention.forward; drop path then draws one value per sequence."""
         context = y if self.cross_attn else None
-        x = x + self.drop_path(self.attn(self.norm1(x), context, key_mask, seq_lengths))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.attn(self.norm1(x), context, key_mask, seq_lengths, key_lengths), seq_lengths)
+        return x + self.drop_path(self.mlp(self.norm2(x)), seq_lengths)
 
 
 def init_linear(m: nn.Module) -> None:

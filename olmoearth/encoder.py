@@ -1,8 +1,10 @@
 """The encoder: patch embed -> composite encodings -> keep the ENCODER tokens -> pre-norm ViT -> norm.
 
 Full attention over all visible tokens of all modalities, timesteps and bandsets; tokens not visible in
-this view (IGNORED, DECODER, MISSING) are removed. In training, samples are padded to the longest and a
-key-padding mask hides the padding; in eval the same attention runs without padding (encode_unpadded).
+this view (IGNORED, DECODER, MISSING) are removed. The visible tokens of all samples run back to back, each
+sample attending within itself (encode_unpadded), in training and eval; encode_padded (samples padded to the
+longest, a key-padding mask) is the reference it equals, and the original's eval mode when
+mask_padding_in_eval=False.
 Maps (decode-only modalities) are refused: they can never reach the encoder.
 
 Names follow the original `Encoder` (patch_embeddings, composite_encodings, blocks, norm,
@@ -95,17 +97,17 @@ class Encoder(nn.Module):
         tokens = self.composite_encodings(tokens, months, patch_size, input_res)
         seq, m, shapes = tk.collapse(tokens, {n: mask[n] for n in tokens})  # (B, N, D), (B, N)
         visible = m == ENCODER  # (B, N)
-        if self.training or not self.mask_padding_in_eval:
-            out, pooled = self.encode_padded(seq, visible)
-        else:
+        if self.training or self.mask_padding_in_eval:
             out, pooled = self.encode_unpadded(seq, visible)
+        else:
+            out, pooled = self.encode_padded(seq, visible)
         return EncoderOutput(tk.expand(out, shapes), {n: mask[n] for n in shapes}, pooled,
                              self.project_and_aggregate(pooled))
 
     def encode_padded(self, seq: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The transformer over the visible tokens, padded to the longest sample: (B, N, D), (B, N) bool ->
-        tokens (B, N, D) (zeros where not visible), pooled (B, D). Training runs it (drop path is per sample);
-        with mask_padding_in_eval=False it reproduces the original's eval mode (padding is attended to)."""
+        tokens (B, N, D) (zeros where not visible), pooled (B, D). The reference for encode_unpadded; with
+        mask_padding_in_eval=False in eval it reproduces the original's eval mode (padding is attended to)."""
         h, idx, valid = tk.pack(seq, visible)  # (B, L, D)
         key_mask = tk.key_padding_mask(valid) if (self.training or self.mask_padding_in_eval) else None
         for blk in self.blocks if h.shape[1] else []:
@@ -114,14 +116,16 @@ class Encoder(nn.Module):
         return tk.unpack(h, idx, valid, seq.shape[1]), tk.masked_mean(h, valid)
 
     def encode_unpadded(self, seq: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """encode_padded with its key-padding mask, computed without padding (eval): the visible tokens of all
+        """encode_padded with its key-padding mask, computed without padding: the visible tokens of all
         samples back to back, each sample attending within itself. No padded rows in the linear layers, no
-        sort, and SDPA stays on its unmasked kernel. Same inputs and outputs as encode_padded."""
+        sort, and SDPA stays on its unmasked kernel. Same inputs and outputs as encode_padded; in training,
+        drop path draws the same one value per sample (DropPath), so the same RNG state drops the same
+        samples in both."""
         flat, lengths = tk.select(seq, visible)  # (K, D)
         if len(set(lengths)) == 1:  # equal lengths (e.g. nothing missing): one batched, unmasked attention
             h, seq_lengths = flat.view(len(lengths), lengths[0], flat.shape[-1]), None  # (B, L, D)
         else:
-            h, seq_lengths = flat[None], [n for n in lengths if n]  # (1, K, D)
+            h, seq_lengths = flat[None], lengths  # (1, K, D)
         for blk in self.blocks if flat.shape[0] else []:
             h = blk(h, seq_lengths=seq_lengths)
         h = self.norm(h).reshape(flat.shape)  # (K, D)

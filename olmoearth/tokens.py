@@ -38,15 +38,22 @@ def expand(x: torch.Tensor, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]
     return out
 
 
-def pack(x: torch.Tensor, keep: torch.Tensor):
-    """Move the kept tokens of every sample to the front and cut to the longest sample.
-
-    x: (B, N, D), keep: (B, N) bool -> packed (B, L, D), idx (B, L) source positions, valid (B, L) bool.
+def pack_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """keep: (B, N) bool -> idx (B, L) source positions of the kept tokens of every sample first, cut to the
+    longest sample (L), and valid (B, L) bool (True for the first keep.sum(1) slots of each row).
     Stable: kept tokens stay in sequence order (as the original's stable sort)."""
     order = torch.sort(keep.to(torch.int8), dim=1, descending=True, stable=True).indices  # (B, N)
     L = int(keep.sum(1).max().item()) if keep.numel() else 0
     idx = order[:, :L]  # (B, L)
-    valid = torch.gather(keep, 1, idx)  # (B, L)
+    return idx, torch.gather(keep, 1, idx)
+
+
+def pack(x: torch.Tensor, keep: torch.Tensor):
+    """Move the kept tokens of every sample to the front and cut to the longest sample.
+
+    x: (B, N, D), keep: (B, N) bool -> packed (B, L, D), idx (B, L) source positions, valid (B, L) bool
+    (see pack_index)."""
+    idx, valid = pack_index(keep)  # (B, L)
     packed = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))  # (B, L, D)
     packed = packed * valid[..., None].to(packed.dtype)
     return packed, idx, valid
@@ -70,7 +77,8 @@ def select(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, list[int]
 
 
 def place(flat: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Inverse of select: (K, D) -> (B, N, D) with zeros where nothing was kept."""
+    """Inverse of select: (K, D) -> (B, N, D) with zeros where nothing was kept. With the `valid` of
+    pack_index as keep, it pads the samples back to back into pack's (B, L, D) layout."""
     out = flat.new_zeros(*keep.shape, flat.shape[-1])
     out[keep] = flat
     return out
