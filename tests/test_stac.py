@@ -495,7 +495,7 @@ def test_native_footprint_from_the_projection_extension():
     borders a cell is then not handed to it, where the lon/lat bbox taken into UTM would overlap it."""
     from rasterio.warp import transform_bounds
 
-    from pipelines.imagery.stac import item_bounds, native_footprint
+    from pipelines.imagery.stac_items import item_bounds, native_footprint
 
     tile = [399960.0, 4090200.0, 509760.0, 4200000.0]  # an MGRS tile, EPSG:32618
     pc = {"properties": {"proj:code": "EPSG:32618", "proj:bbox": tile}, "assets": {}}

@@ -142,7 +142,7 @@ def plan_jobs(cfg: MaterializeConfig, cells: list[CellRecord], storage: Storage,
 def footprints(items: list[dict], crs: str) -> np.ndarray:
     """(n, 4) left, bottom, right, top in `crs` of each item record (`item_bounds`: exact from the item's
     projection fields when it has them)."""
-    from pipelines.imagery.stac import item_bounds
+    from pipelines.imagery.stac_items import item_bounds
 
     return np.array([item_bounds(rec, crs) for rec in items], float).reshape(len(items), 4)
 
