@@ -108,6 +108,8 @@ def test_quiet_by_default_and_everything_back_when_verbose(monkeypatch, verbose)
     assert [str(w.message) for w in seen][-1] == "a warning of ours"
     assert len(seen) == (2 if verbose else 1)  # the known noise only goes when quiet
     assert ctx.enable_operator_progress_bars is verbose and ctx.print_on_execution_start is verbose
+    slow_tune = logging.getLogger("ray.tune.utils.util")  # Tune's "may be a performance bottleneck" lines
+    assert slow_tune.isEnabledFor(logging.WARNING) is verbose and slow_tune.isEnabledFor(logging.ERROR)
     assert ray_init_options()["log_to_driver"] is verbose
     assert ray_init_options()["logging_level"] == (logging.INFO if verbose else logging.WARNING)
     cfg = serve_logging_config()

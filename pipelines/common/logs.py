@@ -52,6 +52,9 @@ def quiet_driver() -> None:
     import warnings
 
     quiet_ray_data()
+    # Tune's controller warns whenever its bookkeeping of a report takes over 0.5 s ("... may be a performance
+    # bottleneck"), which on a loaded 2-core machine is most reports: one line per report on the console
+    logging.getLogger("ray.tune.utils.util").setLevel(logging.WARNING if verbose() else logging.ERROR)
     if verbose():
         return
     for message, _why in NOISE_WARNINGS:
