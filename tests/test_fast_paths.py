@@ -17,11 +17,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_model import make_batch  # noqa: E402
+
 from olmoearth import build_model  # noqa: E402
 from olmoearth import tokens as tk  # noqa: E402
 from olmoearth.attention import Attention, DropPath  # noqa: E402
 from olmoearth.layout import DECODER, ENCODER, IGNORED, MISSING  # noqa: E402
-from olmoearth.masking import modality_cross_random, token_presence  # noqa: E402
 from olmoearth.modalities import MODALITIES, NormStats  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -393,19 +394,6 @@ def test_decoder_back_to_back_equals_the_padded_reference(case):
         assert valid[1].any() and not valid[2].any()
 
 
-def model_batch(B=4, H=16, T=3, p=4, seed=9, mods=("sentinel2_l2a", "sentinel1", "landsat", "worldcover")):
-    rng = np.random.default_rng(seed)
-    xs = {n: rng.normal(size=(B, H, H, T if MODALITIES[n].temporal else 1, MODALITIES[n].num_bands))
-          .astype(np.float32) for n in mods}
-
-    def masks():
-        ms = [modality_cross_random(token_presence({k: v[i] for k, v in xs.items()}, p), rng) for i in range(B)]
-        return {k: torch.from_numpy(np.stack([m[k] for m in ms])) for k in xs}
-
-    return {"x": {k: torch.from_numpy(v) for k, v in xs.items()}, "months": torch.randint(0, 12, (B, T)),
-            "patch_size": p, "mask_a": masks(), "mask_b": masks()}
-
-
 def model_training_pass(model, batch, seed):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)  # the D4 augmentation draws
@@ -423,7 +411,7 @@ def test_training_step_equals_the_padded_reference_losses_and_gradients(empty_vi
                         contrastive_weight=0.0 if empty_view else 0.1).train()
     with torch.no_grad():
         model.decoder.mask_token.normal_()
-    batch = model_batch()
+    batch = make_batch(np.random.default_rng(9), mods=(*MODS, "worldcover"))
     if empty_view:  # sample 2 of view b: nothing visible, so no context for its queries either
         for m in batch["mask_b"].values():
             m[2][m[2] == ENCODER] = DECODER
