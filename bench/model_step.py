@@ -28,7 +28,12 @@ tokens/s counts the 2160 sample tokens x 16 per step for all of them; `ratio {si
 is what running without padding buys (a / a'). Runs are interleaved (a, a', b, c, a, a', b, c, ... over both
 mask sets) so load from other processes hits all alike; the median step time is reported.
 
-    python bench/model_step.py [--sizes nano,tiny] [--steps 1] [--device cpu]
+`--precision bf16` (the default on CUDA) runs every forward under bf16 autocast (olmoearth.precision.autocast,
+as pretraining does on GPUs); `{size}_ours{suffix}_mfu` is our step's model FLOPs
+(pipelines/pretrain/throughput.train_step_flops over the views' visible and decoded tokens) per second over
+the device's peak at that precision (datasheet for known GPUs, else a measured matmul rate).
+
+    python bench/model_step.py [--sizes nano,tiny] [--steps 1] [--device cpu] [--precision auto]
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ from olmoearth.masking import (
     random_mask,
 )
 from olmoearth.modalities import MODALITIES
+from olmoearth.precision import autocast, resolve_precision
+from pipelines.pretrain.throughput import peak_flops, train_step_flops
+from pipelines.pretrain.worker import model_shape
 
 B, P, HW, T = 16, 4, 6, 9
 
@@ -129,7 +137,15 @@ def original_samples(batch):
     return out, MaskedOlmoEarthSample(**full)
 
 
-def original_step(model, opt, samples, full):
+def original_step(model, opt, samples, full, amp):
+    with amp():
+        loss = original_loss(model, samples, full)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def original_loss(model, samples, full):
     from olmoearth_pretrain_minimal.olmoearth_pretrain_v1.utils.datatypes import MaskedOlmoEarthSample
 
     views, losses, pooled = samples, [], []
@@ -148,10 +164,7 @@ def original_step(model, opt, samples, full):
         losses.append(patch_discrimination(torch.cat(preds, 1), torch.cat(tgts, 1), torch.cat(keep, 1),
                                            torch.cat(group, 1)))
         pooled.append(proj)
-    loss = (losses[0] + losses[1]) / 2 + 0.1 * info_nce(pooled[0], pooled[1])
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    return (losses[0] + losses[1]) / 2 + 0.1 * info_nce(pooled[0].float(), pooled[1].float())
 
 
 # ------------------------------------------------------------------------------------------------ (c)
@@ -179,8 +192,9 @@ def bare_inputs(batch, cfg, device):
     return out
 
 
-def bare_step(model, opt, inputs):
-    loss = sum(model(e, d) for e, d in inputs)
+def bare_step(model, opt, inputs, amp):
+    with amp():
+        loss = sum(model(e, d) for e, d in inputs)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -195,8 +209,9 @@ def padded_reference(model):
     return model
 
 
-def ours_step(model, opt, batch):
-    out = model(batch)
+def ours_step(model, opt, batch, amp):
+    with amp():
+        out = model(batch)
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
     opt.step()
@@ -214,25 +229,31 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads (0: torch's default); 1 avoids stalls on a shared, loaded machine")
+    ap.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 (autocast) | fp32")
     args = ap.parse_args()
     dev = args.device
+    precision = resolve_precision(args.precision, dev, field="--precision")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     batches = make_batches(np.random.default_rng(0), dev)
     tokens = B * HW * HW * (6 * T + 6)
     print(f"tokens per step: {tokens} (batch {B}, {tokens // B} per sample), device {dev}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}, precision {precision}")
+    peak, peak_source = peak_flops(dev, precision)
     queries = {k: decoded_queries(b) for k, b in batches.items()}
     print(f"decoded_queries_per_step: {queries['previous']} queries")
     print(f"decoded_queries_per_step_corrected: {queries['corrected']} queries")
     print(f"ratio decoded_queries_corrected/previous: {queries['corrected'] / queries['previous']:.2f}")
     for size in args.sizes.split(","):
-        times = measure(size, batches, dev, args.steps)
+        times, shape = measure(size, batches, dev, args.steps, partial(autocast, dev, precision))
         tps = {k: tokens / statistics.median(v) for k, v in times.items()}
         for suffix in ("", "_corrected"):
             for k in ("ours", "ours_padded", "original", "bare"):
                 print(f"{size}_{k}{suffix}_tokens_per_s: {tps[k + suffix]:.0f} tokens/s")
+            flops = step_flops(shape, batches["corrected" if suffix else "previous"])
+            print(f"{size}_ours{suffix}_mfu: {100 * flops * tps['ours' + suffix] / tokens / peak:.2f} % "
+                  f"(of {peak / 1e12:.2f} TFLOP/s, {peak_source})")
             print(f"ratio {size}_ours/original{suffix}: {tps['ours' + suffix] / tps['original' + suffix]:.2f}")
             print(f"ratio {size}_ours/bare{suffix}: {tps['ours' + suffix] / tps['bare' + suffix]:.2f}")
             print(f"ratio {size}_ours_unpadded/padded{suffix}: "
@@ -241,8 +262,19 @@ def main():
             print(f"ratio {size}_{k}_step_time_corrected/previous: {tps[k] / tps[k + '_corrected']:.2f}")
 
 
-def measure(size, batches, dev, steps) -> dict[str, list[float]]:
-    """Step times of every implementation under both mask sets ("ours", "ours_corrected", ...), interleaved."""
+def step_flops(shape, batch) -> float:
+    """Model FLOPs of one of our steps on `batch` (forward + backward of both views, the target projection)."""
+    def per_sample(mask, role):
+        return sum((m == role).flatten(1).sum(1) for m in mask.values()).cpu().numpy()
+
+    n_tokens = sum(torch.ones_like(m).flatten(1).sum(1) for m in batch["mask_a"].values()).cpu().numpy()
+    views = [(per_sample(batch[k], ENCODER), per_sample(batch[k], DECODER)) for k in ("mask_a", "mask_b")]
+    return train_step_flops(shape, n_tokens, views)
+
+
+def measure(size, batches, dev, steps, amp):
+    """Step times of every implementation under both mask sets ("ours", "ours_corrected", ...), interleaved;
+    and our model's shape (for its FLOPs). amp: the autocast context factory every forward runs in."""
     ours = build_model(size).to(dev).train()
     padded = padded_reference(ours)
     cfg = ours.config
@@ -256,10 +288,10 @@ def measure(size, batches, dev, steps) -> dict[str, list[float]]:
     for masking, suffix in (("previous", ""), ("corrected", "_corrected")):
         batch = batches[masking]
         samples, full = original_samples(batch)
-        runs["ours" + suffix] = partial(ours_step, ours, opts["ours"], batch)
-        runs["ours_padded" + suffix] = partial(ours_step, padded, opts["ours_padded"], batch)
-        runs["original" + suffix] = partial(original_step, orig, opts["original"], samples, full)
-        runs["bare" + suffix] = partial(bare_step, bare, opts["bare"], bare_inputs(batch, cfg, dev))
+        runs["ours" + suffix] = partial(ours_step, ours, opts["ours"], batch, amp)
+        runs["ours_padded" + suffix] = partial(ours_step, padded, opts["ours_padded"], batch, amp)
+        runs["original" + suffix] = partial(original_step, orig, opts["original"], samples, full, amp)
+        runs["bare" + suffix] = partial(bare_step, bare, opts["bare"], bare_inputs(batch, cfg, dev), amp)
     times = {k: [] for k in runs}
     for i in range(steps + 1):
         for name, fn in runs.items():
@@ -271,7 +303,7 @@ def measure(size, batches, dev, steps) -> dict[str, list[float]]:
             print(f"  {size} {name} step {i}: {dt:.2f} s", file=sys.stderr, flush=True)
             if i > 0:
                 times[name].append(dt)
-    return times
+    return times, model_shape(ours)
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,10 @@ with random weights, saves it as an original folder (config.json + weights.pth),
 
     max |diff| of per-patch tokens, pooled and projected embeddings (pass mark 1e-4, float32)
     encoder forward time of each implementation (best of --repeats, the two run in turns), and their ratio
+    this encoder under bf16 autocast (--bf16): its forward time, its ratios to fp32 and to the original, and
+    the smallest cosine of its pooled and per-token embeddings to fp32's
+    tokens/s and MFU of this encoder (model FLOPs: pipelines/pretrain/throughput.encoder_forward_flops; peak:
+    the datasheet for known GPUs, else a measured matmul rate at that precision on this device and threads)
 
 Inputs (issue #18): Sentinel-2 + Sentinel-1 + Landsat, --timesteps months, a --grid x --grid token grid at
 each patch size of --patch_sizes (pixels = grid * p), a batch "full" (nothing missing) and "missing"
@@ -40,7 +44,10 @@ from olmoearth.convert import convert  # noqa: E402
 from olmoearth.layout import ENCODER, MISSING  # noqa: E402
 from olmoearth.loading import load_model  # noqa: E402
 from olmoearth.modalities import MODALITIES  # noqa: E402
+from olmoearth.precision import autocast  # noqa: E402
 from pipelines.common.config import load_config  # noqa: E402
+from pipelines.pretrain.throughput import encoder_forward_flops, peak_flops  # noqa: E402
+from pipelines.pretrain.worker import model_shape  # noqa: E402
 
 MODS = ("sentinel2_l2a", "sentinel1", "landsat")
 
@@ -56,6 +63,7 @@ class BenchConfig:
     device: str = "cpu"  # torch device of both models
     threads: int = 2  # torch intra-op threads on CPU
     threshold: float = 1e-4  # largest max |diff| that counts as parity
+    bf16: bool = True  # also time this encoder under bf16 autocast (native on GPUs, AVX512-BF16 / AMX CPUs)
 
 
 def timed(fns: dict, repeats: int, device: str) -> tuple[dict[str, float], dict[str, object]]:
@@ -95,7 +103,13 @@ def bench_inputs(cfg: BenchConfig, p: int, with_missing: bool, dev: torch.device
             masks)
 
 
-def bench_size(cfg: BenchConfig, size: str, dev: torch.device) -> bool:
+def bf16_forward(encoder, x, months, masks, p: int, dev: torch.device):
+    """This encoder's forward under bf16 autocast (olmoearth.precision.autocast, as serving runs it)."""
+    with autocast(dev, "bf16"):
+        return encoder(x, months, masks, p)
+
+
+def bench_size(cfg: BenchConfig, size: str, dev: torch.device, peaks: dict) -> bool:
     t0 = time.perf_counter()
     orig = build_original(size, seed=3)
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,6 +134,8 @@ def bench_size(cfg: BenchConfig, size: str, dev: torch.device) -> bool:
                 "original": partial(original_encode, orig, x, months, p, missing=missing, mode="masked"),
                 "ours": partial(ours.encoder, x, months, masks, p),
             }
+            if cfg.bf16:
+                fns["ours_bf16"] = partial(bf16_forward, ours.encoder, x, months, masks, p, dev)
             if not with_missing:  # the original's fastest mode, equal to ours only without missing tokens
                 fns["original_fast"] = partial(original_encode, orig, x, months, p, mode="fast")
             with torch.no_grad():
@@ -139,8 +155,25 @@ def bench_size(cfg: BenchConfig, size: str, dev: torch.device) -> bool:
             print(f"{name}_max_abs_diff_projected: {projected:.3e} abs")
             for k, v in best.items():
                 print(f"{name}_{k}_forward: {v * 1e3:.1f} ms")
-            print(f"{name}_ours_tokens_per_s: {n_tokens / best['ours']:.0f} tokens/s")
+            visible = torch.cat([(m == ENCODER).flatten(1) for m in masks.values()], 1).sum(1)  # (B,) per sample
+            flops = encoder_forward_flops(model_shape(ours), visible.tolist())
+            for k, prec in (("ours", "fp32"), ("ours_bf16", "bf16")):
+                if k in best:
+                    if prec not in peaks:
+                        peaks[prec] = peak_flops(dev, prec)
+                    peak, source = peaks[prec]
+                    print(f"{name}_{k}_tokens_per_s: {n_tokens / best[k]:.0f} tokens/s")
+                    print(f"{name}_{k}_mfu: {100 * flops / best[k] / peak:.2f} % (of {peak / 1e12:.2f} TFLOP/s, {source})")
             print(f"ratio {name}_original_over_ours: {best['original'] / best['ours']:.3f}")
+            if "ours_bf16" in best:
+                b = outs["ours_bf16"]
+                cos = torch.nn.functional.cosine_similarity
+                tok_cos = min(float(cos(b.tokens[n].float(), r.tokens[n], dim=-1)[o["masks"][n] == ENCODER].min())
+                              for n in MODS)  # fmt: skip
+                print(f"{name}_bf16_min_cosine_pooled: {float(cos(b.pooled.float(), r.pooled, dim=-1).min()):.6f}")
+                print(f"{name}_bf16_min_cosine_tokens: {tok_cos:.6f}")
+                print(f"ratio {name}_ours_fp32_over_bf16: {best['ours'] / best['ours_bf16']:.3f}")
+                print(f"ratio {name}_original_over_ours_bf16: {best['original'] / best['ours_bf16']:.3f}")
             if "original_fast" in best:
                 print(f"ratio {name}_original_fast_over_ours: {best['original_fast'] / best['ours']:.3f}")
             passed = max(tok, pooled, projected) <= cfg.threshold
@@ -156,9 +189,9 @@ def main(argv=None) -> int:
     dev = torch.device(cfg.device)
     if dev.type == "cpu":
         torch.set_num_threads(cfg.threads)
-    ok = True
+    ok, peaks = True, {}  # peaks: {precision: (FLOP/s, source)}, measured once
     for size in cfg.size.split(","):
-        ok = bench_size(cfg, size.strip(), dev) and ok
+        ok = bench_size(cfg, size.strip(), dev, peaks) and ok
     print(f"parity_pass: {int(ok)} bool")
     return 0 if ok else 1
 

@@ -7,6 +7,9 @@
    mean number of requests that shared a forward, and the same requests decoded and encoded in this process.
 
     python bench/serve.py [--cells 8] [--tile 128] [--patch 8] [--threads 1] [--requests 20] [--model random:nano]
+                          [--device cuda] [--precision bf16]
+Both sides of each comparison run on the same device and precision (`--device cuda`: the area job's actor and
+the endpoint's replica hold one GPU each; `--precision auto`: bf16 on CUDA, fp32 on CPU).
 Prints `NAME: VALUE UNIT` and `ratio NAME: VALUE` lines.
 """
 
@@ -64,13 +67,14 @@ def bench_area(args, storage) -> None:
                           time_start=start.isoformat(), time_end=end.isoformat(), model_uri=args.model,
                           patch_size=args.patch, tile_size=args.tile, overlap=args.overlap, num_actors=1,
                           batch_size=args.batch, out=bucket + "/emb", formats=["cog"], preview=False,
-                          torch_threads=args.threads, num_cpus_per_actor=1.0)  # fmt: skip
+                          torch_threads=args.threads, num_cpus_per_actor=1.0, precision=args.precision,
+                          num_gpus_per_actor=1.0 if args.device == "cuda" else 0.0)  # fmt: skip
     # the bare forward over the same tiles: pixels read beforehand (not timed) into memory, same model, torch
     # threads and batch size, in this process; timed before and after the job, since other load drifts
     grid, tiles = plan(cfg)
     source = make_source(cfg, storage, grid)
     xs = [source.read(t, grid) for t in tiles]
-    embedder = Embedder(args.model, num_threads=args.threads)
+    embedder = Embedder(args.model, device=args.device, num_threads=args.threads, precision=args.precision)
     months = np.tile(source.months, (args.batch, 1))
     embedder.embed({m: np.stack([x[m] for x in xs[: args.batch]]) for m in xs[0]}, months, args.patch)  # warm-up
 
@@ -115,7 +119,8 @@ def bench_endpoint(args) -> None:
 
     cfg = ServeConfig(model_uri=args.model, port=free_port(), min_replicas=1, max_replicas=1, max_batch_size=16,
                       max_ongoing_requests=32, batch_wait_timeout_s=args.wait, num_cpus=1.0,
-                      torch_threads=args.threads)  # fmt: skip
+                      torch_threads=args.threads, precision=args.precision,
+                      num_gpus=1.0 if args.device == "cuda" else 0.0)  # fmt: skip
     run(cfg)
     url = f"http://127.0.0.1:{cfg.port}/embed"
     rng = np.random.default_rng(0)
@@ -205,7 +210,7 @@ class BareForward:
         from serve.inputs import Limits, parse_npz
 
         self.parse = lambda b: parse_npz(b, 4, Limits())
-        self.embedder = Embedder(args.model, num_threads=args.threads)
+        self.embedder = Embedder(args.model, device=args.device, num_threads=args.threads, precision=args.precision)
         self.bodies, self.n = bodies, 16 * args.requests
         self.embedder.embed(self.parse(bodies[0]).x, np.array([[5, 6]]), 4)  # warm-up
 
@@ -244,18 +249,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", type=int, default=8, help="area of cells x cells corpus cells (2560 m each)")
     ap.add_argument("--periods", type=int, default=1, help="30-day periods in the time range (model timesteps)")
-    ap.add_argument("--tile", type=int, default=128)
-    ap.add_argument("--overlap", type=int, default=16)
-    ap.add_argument("--patch", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--tile", type=int, default=128, help="area job tile side, px")
+    ap.add_argument("--overlap", type=int, default=16, help="area job tile overlap, px")
+    ap.add_argument("--patch", type=int, default=8, help="area job patch size, px")
+    ap.add_argument("--batch", type=int, default=8, help="area job tiles per encoder forward, both sides")
     # 1 thread: on a loaded machine more OpenMP threads per forward contend for the same cores
     ap.add_argument("--threads", type=int, default=1, help="torch threads per encoder, both sides")
     ap.add_argument("--requests", type=int, default=20, help="requests per client")
     # ~10-20% of a batch forward here (200-400 ms for 8 requests): batches fill, the wait costs little
     ap.add_argument("--wait", type=float, default=0.04, help="endpoint batch_wait_timeout_s")
-    ap.add_argument("--model", default="random:nano")
-    ap.add_argument("--skip_area", action="store_true")
-    ap.add_argument("--skip_endpoint", action="store_true")
+    ap.add_argument("--model", default="random:nano", help="encoder: exported file, checkpoint or random:<size>")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both sides run the encoder")
+    ap.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32")
+    ap.add_argument("--skip_area", action="store_true", help="skip the large-area job comparison")
+    ap.add_argument("--skip_endpoint", action="store_true", help="skip the endpoint comparison")
     args = ap.parse_args()
 
     import ray

@@ -10,6 +10,10 @@
     out.tokens: {m: (B, h, w, T, S, D)}, out.mask: {m: (B, h, w, T, S)}
 
 `pool_patches` is the per-patch pooling alone, with gradients (olmoearth/finetuned.py trains through it).
+
+precision="bf16" runs the encoder under torch.autocast (bf16 matmuls and attention: GPUs, and CPUs with native
+bf16 such as AVX512-BF16 / AMX); normalisation, masks and pooling stay fp32, and every output is fp32.
+olmoearth/precision.py says what "auto" means (bf16 on CUDA, fp32 elsewhere); training and serving both use it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from olmoearth.layout import ENCODER, MISSING
 from olmoearth.modalities import MAX_PATCH_SIZE, MODALITIES
+from olmoearth.precision import autocast, resolve_precision
 
 
 class Embeddings(NamedTuple):
@@ -71,15 +76,18 @@ def prepare(encoder, x: dict, months, patch_size: int):
 
 
 @torch.no_grad()
-def encode(encoder, x: dict, months, patch_size: int = 4) -> Embeddings:
+def encode(encoder, x: dict, months, patch_size: int = 4, precision: str = "fp32") -> Embeddings:
     xs, months_t, masks = prepare(encoder, x, months, patch_size)
+    device = next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()
     try:
-        out = encoder(xs, months_t, masks, int(patch_size))
+        with autocast(device, resolve_precision(precision, device)):
+            out = encoder(xs, months_t, masks, int(patch_size))
     finally:
         encoder.train(was_training)
-    return Embeddings(pool_patches(out.tokens, masks), out.pooled, out.projected, out.tokens, masks)
+    tokens = {m: t.float() for m, t in out.tokens.items()}
+    return Embeddings(pool_patches(tokens, masks), out.pooled.float(), out.projected.float(), tokens, masks)
 
 
 def pool_patches(tokens: dict, masks: dict) -> torch.Tensor:

@@ -83,6 +83,7 @@ class ServeConfig:
     num_cpus: float = 1.0  # CPUs reserved per replica
     num_gpus: float = 0.0  # GPUs per replica (> 0: the encoder runs on CUDA)
     torch_threads: int = 0  # torch intra-op threads per replica (0: torch's default)
+    precision: str = "auto"  # encoder precision: auto (bf16 on GPU, fp32 on CPU) | bf16 (autocast) | fp32
     default_patch_size: int = 4  # patch size when a request gives none (1..8)
     max_tile: int = 256  # largest tile side in px a request may send (larger: 413)
     max_samples: int = 64  # most samples (B) per request (more: 413)
@@ -179,7 +180,8 @@ class EncoderDeployment:
         token = cfg.auth_token or os.environ.get(TOKEN_ENV, "")
         self.token = token_digest(token) if token else None
         device = "cuda" if cfg.num_gpus > 0 else "cpu"
-        self.embedder = Embedder(cfg.model_uri, device=device, num_threads=cfg.torch_threads or None)
+        self.embedder = Embedder(cfg.model_uri, device=device, num_threads=cfg.torch_threads or None,
+                                 precision=cfg.precision)
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="forward")  # two batches take turns per forward
         self.embed_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.embed_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -436,11 +438,14 @@ class EncoderDeployment:
 
 def build_app(cfg: ServeConfig):
     """The bound Serve application for `cfg` (autoscaling, batching and resources applied)."""
+    from olmoearth.precision import resolve_precision
+
     if cfg.max_ongoing_requests < cfg.max_batch_size:
         raise ValueError(f"max_ongoing_requests ({cfg.max_ongoing_requests}) must be >= max_batch_size "
                          f"({cfg.max_batch_size}), else batches never fill")  # fmt: skip
     if not 1 <= cfg.min_replicas <= cfg.max_replicas:
         raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {cfg.min_replicas}, {cfg.max_replicas}")
+    resolve_precision(cfg.precision, "cpu")  # the field's check, before any replica starts
     actor = {"num_cpus": cfg.num_cpus}
     if cfg.num_gpus:
         actor["num_gpus"] = cfg.num_gpus

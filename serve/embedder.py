@@ -25,13 +25,18 @@ class Embedder:
     """encoder (+ head of a fine-tuned model) + the numpy in / numpy out calls used everywhere in serve/
     (thread-safe, no grad)."""
 
-    def __init__(self, model_uri: str, device: str | None = None, num_threads: int | None = None):
+    def __init__(self, model_uri: str, device: str | None = None, num_threads: int | None = None,
+                 precision: str = "auto"):
+        """precision: auto (bf16 on CUDA, fp32 on CPU) | bf16 (autocast; CPUs with native bf16 gain, see
+        docs/serving.md) | fp32."""
         import olmoearth
         from olmoearth.finetuned import FineTunedModel
+        from olmoearth.precision import resolve_precision
 
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.precision = resolve_precision(precision, self.device)
         model = olmoearth.load_model(model_uri)
         self.finetuned = model.to(self.device).eval() if isinstance(model, FineTunedModel) else None
         self.task = self.finetuned.task if self.finetuned is not None else None
@@ -50,6 +55,7 @@ class Embedder:
             "modalities": {m: {"bands": list(MODALITIES[m].bands),
                                "bandsets": [list(bs.bands) for bs in MODALITIES[m].bandsets]} for m in mods},
             "device": str(self.device),
+            "precision": self.precision,
         }  # fmt: skip
         if self.task is not None:
             t = self.task
@@ -72,7 +78,7 @@ class Embedder:
 
         xt, mt = self._tensors(x, months)
         with self._lock:
-            out = encode(self.encoder, xt, months=mt, patch_size=patch_size)
+            out = encode(self.encoder, xt, months=mt, patch_size=patch_size, precision=self.precision)
         seen = sum((mk == ENCODER).flatten(3).any(-1) for mk in out.mask.values()) > 0  # (B, h, w)
         patches = out.patches.float().masked_fill(~seen[..., None], float("nan"))
         return patches.cpu().numpy(), out.pooled.float().cpu().numpy()
@@ -85,8 +91,10 @@ class Embedder:
         timestep or band; a sample with none at all) class / labels are -1 and probs / values NaN."""
         if self.finetuned is None:
             raise ValueError("predict needs a fine-tuned model file (olmoearth-finetuned/1); this one holds an encoder")
+        from olmoearth.precision import autocast
+
         xt, mt = self._tensors(x, months)
-        with self._lock:
+        with self._lock, autocast(self.device, self.precision):
             out = self.finetuned.predict(xt, mt)
         has = input_coverage(x)  # (B, H, W)
         if not self.task.per_pixel:

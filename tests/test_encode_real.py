@@ -81,3 +81,33 @@ def test_real_s2_crop_encodes_and_separates_water_from_fields(crop):
     d_w = np.linalg.norm(emb[:, None] - e_w.mean(0), axis=-1)[:, 0]
     d_f = np.linalg.norm(emb[:, None] - e_f.mean(0), axis=-1)[:, 0]
     assert (d_w[water] < d_f[water]).all() and (d_f[field] < d_w[field]).all()
+
+
+@pytest.mark.parametrize("size", ["nano", "base"])
+def test_bf16_embeddings_keep_cosine_to_fp32_on_the_real_crop(crop, size):
+    """The bf16 path (autocast) against fp32 on real imagery: every patch embedding and the pooled one within
+    cosine 0.999, outputs still float32. On this CPU autocast runs native bf16 where it has it (AVX512-BF16,
+    AMX), emulated otherwise: the numbers are the same either way."""
+    x, _, _ = crop
+    torch.manual_seed(0)
+    encoder = build_model(size).encoder
+    inputs = {"sentinel2_l2a": np.stack([x, x[::-1]])[:, :, :, None, :]}  # two samples, one of them flipped
+    fp32 = encode(encoder, inputs, months=[[6], [6]], patch_size=4)
+    bf16 = encode(encoder, inputs, months=[[6], [6]], patch_size=4, precision="bf16")
+    assert bf16.patches.dtype == torch.float32 and bf16.pooled.dtype == torch.float32
+    assert bf16.patches.shape == fp32.patches.shape
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(bf16.patches, fp32.patches, dim=-1).min() >= 0.999
+    assert cos(bf16.pooled, fp32.pooled, dim=-1).min() >= 0.999
+    assert cos(bf16.projected, fp32.projected, dim=-1).min() >= 0.999
+    assert not torch.equal(bf16.pooled, fp32.pooled)  # it did run in bf16
+
+
+def test_precision_auto_is_fp32_on_cpu_and_bf16_on_cuda():
+    from olmoearth.precision import resolve_precision
+
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("auto", "cuda") == "bf16"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp16", "cpu")

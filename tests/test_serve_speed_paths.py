@@ -108,3 +108,23 @@ def test_server_timing_names_each_stage_in_ms():
     assert got.keys() == {"body", "decode", "queue", "forward", "encode", "replica"}
     assert got["queue"] == pytest.approx(10.0) and got["replica"] == pytest.approx(34.0)
     assert "forward" not in server_timing({"start": 0.0, "body": 0.1})  # a request refused before its forward
+
+
+def test_bf16_replica_answers_float32_near_fp32_and_the_same_bytes_whatever_the_batch(deployment):
+    """precision=bf16 (autocast): answers stay float32 arrays of the same shape and NaN patches, within cosine
+    0.999 of the fp32 replica's, and batching still does not change a byte."""
+    cls = type(deployment)
+    bf16 = cls(ServeConfig(model_uri="random:nano:1", torch_threads=1, forward_tokens=4096, precision="bf16"))
+    assert bf16.embedder.describe()["precision"] == "bf16" and deployment.embedder.precision == "fp32"
+    bodies = requests_with_holes(8, seed=5)
+    alone = [answer_bytes(bf16, items_of([b], 4), 4)[0] for b in bodies]
+    assert answer_bytes(bf16, items_of(bodies, 4), 4) == alone
+    for b, ans in zip(bodies, alone, strict=True):
+        got = np.load(io.BytesIO(ans))
+        ref = np.load(io.BytesIO(answer_bytes(deployment, items_of([b], 4), 4)[0]))
+        assert got.dtype == np.float32 and got.shape == ref.shape
+        assert np.array_equal(np.isnan(got), np.isnan(ref))
+        ok = ~np.isnan(ref).any(-1)
+        g, r = got[ok], ref[ok]
+        cos = (g * r).sum(-1) / (np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1))
+        assert cos.min() >= 0.999 and not np.array_equal(g, r)

@@ -355,3 +355,15 @@ def test_geotiff_header_is_checked_before_decoding():
     with pytest.raises(BadRequest) as e:
         parse_geotiffs({"sentinel2_l2a": b"<VRTDataset>" + b" " * 100}, 4, Limits(), None)
     assert e.value.field == "sentinel2_l2a" and "/vsimem" not in e.value.message
+
+
+def test_precision_field_is_checked_before_any_work():
+    """An unknown precision is refused by the endpoint's and the area job's one validation, naming the field."""
+    from serve.app import ServeConfig, build_app
+    from serve.mapping.config import EmbedAreaConfig, check_config
+
+    with pytest.raises(ValueError, match="precision must be one of"):
+        build_app(ServeConfig(precision="fp16"))
+    cfg = EmbedAreaConfig(bbox=[0, 0, 1, 1], geotiffs={"sentinel2_l2a": ["x.tif"]}, out="o", precision="half")
+    with pytest.raises(ValueError, match="precision: one of"):
+        check_config(cfg)

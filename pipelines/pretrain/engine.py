@@ -35,16 +35,12 @@ class OptimConfig:
     fused: str = "auto"  # fused AdamW kernel: "auto" (on GPU), "true", "false"
 
 
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
 def resolve_precision(precision: str, use_gpu: bool) -> str:
-    """"auto" means bf16 on GPU and fp32 on CPU; bf16 on CPU is allowed when asked for."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        return "bf16" if use_gpu else "fp32"
-    return precision
+    """"auto" means bf16 on GPU and fp32 on CPU; bf16 on CPU is allowed when asked for (the rule's owner:
+    olmoearth.precision, which serving uses too)."""
+    from olmoearth.precision import resolve_precision as resolve
+
+    return resolve(precision, "cuda" if use_gpu else "cpu", field="train.precision")
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, final_ratio: float) -> float:

@@ -88,14 +88,21 @@ def view_forward_flops(shape: ModelShape, n_enc: np.ndarray, n_dec: np.ndarray) 
     """
     D, E, r = shape.enc_dim, shape.dec_dim, shape.mlp_ratio
     n_enc, n_dec = (np.asarray(a, dtype=np.float64) for a in (n_enc, n_dec))
-    embed = 2 * shape.channels_per_token * shape.patch_pixels * D * n_enc.sum()
-    enc_block = 2 * (4 + 2 * r) * D * D * n_enc + 2 * 2 * n_enc**2 * D
-    encoder = shape.enc_depth * enc_block.sum()
     dec_in = 2 * D * E * n_enc.sum()  # encoder width -> decoder width
     dec_block = 2 * (2 * E * E * n_dec + 2 * E * E * n_enc + 2 * r * E * E * n_dec) + 2 * 2 * n_dec * n_enc * E
     decoder = shape.dec_depth * dec_block.sum() + 2 * E * D * n_dec.sum()  # + output projection
-    pooled = 2 * D * D * len(n_enc)  # project_and_aggregate
-    return float(embed + encoder + dec_in + decoder + pooled)
+    return encoder_forward_flops(shape, n_enc) + float(dec_in + decoder)
+
+
+def encoder_forward_flops(shape: ModelShape, n_enc) -> float:
+    """Forward FLOPs of the encoder alone over visible tokens (n_enc: per-sample counts): the patch projection,
+    the ViT blocks, project_and_aggregate. An embedding forward's MFU counts these."""
+    D, r = shape.enc_dim, shape.mlp_ratio
+    n_enc = np.asarray(n_enc, dtype=np.float64)
+    embed = 2 * shape.channels_per_token * shape.patch_pixels * D * n_enc.sum()
+    enc_block = 2 * (4 + 2 * r) * D * D * n_enc + 2 * 2 * n_enc**2 * D
+    pooled = 2 * D * D * n_enc.size  # project_and_aggregate
+    return float(embed + shape.enc_depth * enc_block.sum() + pooled)
 
 
 def train_step_flops(shape: ModelShape, n_tokens: np.ndarray, views: list[tuple[np.ndarray, np.ndarray]]) -> float:

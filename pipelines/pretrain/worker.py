@@ -96,8 +96,10 @@ def model_shape(model) -> ModelShape:
 
 def autocast(dtype: torch.dtype):
     """bf16 autocast when training runs in bf16 (the in-training encoder is called as it trains)."""
+    from olmoearth.precision import autocast as precision_autocast
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    return precision_autocast(device, "bf16" if dtype == torch.bfloat16 else "fp32")
 
 
 def reference_output(encoder, batch: dict, dtype: torch.dtype, max_samples: int = 2) -> dict:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from olmoearth.precision import PRECISIONS
+
 
 @dataclass
 class EmbedAreaConfig:
@@ -43,6 +45,7 @@ class EmbedAreaConfig:
     num_cpus_per_actor: float = 1.0  # Ray CPUs each actor holds
     num_gpus_per_actor: float = 0.0  # Ray GPUs each actor holds; > 0 runs the encoder on CUDA
     torch_threads: int = 0  # torch threads per actor; 0: torch's default
+    precision: str = "auto"  # encoder precision: auto (bf16 on GPU, fp32 on CPU) | bf16 (autocast) | fp32
     # output
     out: str = ""  # output folder URI (s3:// or local); also holds the per-tile results a rerun resumes from
     formats: list[str] = field(default_factory=lambda: ["cog", "zarr"])  # outputs: cog and / or zarr
@@ -69,6 +72,8 @@ def check_config(cfg: EmbedAreaConfig) -> None:
         check_stac(cfg)
     if not cfg.out:
         raise ValueError("out: output folder URI required")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision: one of {PRECISIONS}, got {cfg.precision!r}")
     if cfg.engine not in ("ray_data", "serve"):
         raise ValueError(f"engine: 'ray_data' or 'serve', got {cfg.engine!r}")
     if cfg.engine == "serve" and not cfg.serve_url:

@@ -58,7 +58,9 @@ class TileWorker:
         from serve.embedder import Embedder
 
         device = "cuda" if self.cfg.num_gpus_per_actor > 0 else "cpu"
-        return Embedder(self.cfg.model_uri, device=device, num_threads=self.cfg.torch_threads or None), time.time() - t0
+        embedder = Embedder(self.cfg.model_uri, device=device, num_threads=self.cfg.torch_threads or None,
+                            precision=self.cfg.precision)
+        return embedder, time.time() - t0
 
     @property
     def embedder(self):
