@@ -2,7 +2,8 @@
 
 Names (q, k, v, proj, norm1, attn, norm2, mlp.fc1, mlp.fc2) follow the original's `nn/attention.py` so its
 checkpoints map by name. Attention runs through `F.scaled_dot_product_attention`, either over a padded batch
-with a key-padding mask or over sequences stored back to back (`seq_lengths`), one unmasked call per sequence.
+with a key-padding mask or over sequences stored back to back (`seq_lengths`): one unmasked call per sequence,
+or on CUDA in bf16 / fp16 one variable-length flash attention call for all of them.
 """
 
 from __future__ import annotations
@@ -70,18 +71,58 @@ class Attention(nn.Module):
 
     def attend_per_sequence(self, q, k, v, q_lengths: list[int], k_lengths: list[int]) -> torch.Tensor:
         """q: (1, H, N, hd), k, v: (1, H, M, hd), sequences back to back -> (1, N, H, hd), sequence i of q
-        attending to sequence i of k, v only."""
+        attending to sequence i of k, v only. On CUDA in bf16 / fp16 one variable-length flash call does all
+        sequences (`varlen_kernel`); elsewhere one unmasked SDPA call per sequence."""
+        k, v, k_lengths = self.zero_keys_where_empty(k, v, q_lengths, k_lengths)
+        kernel = varlen_kernel(q)
+        if kernel is not None:
+            return attend_varlen(kernel, q, k, v, q_lengths, k_lengths)
         _, H, N, hd = q.shape
         parts = []
         for qs, ks, vs in zip(q.split(q_lengths, 2), k.split(k_lengths, 2), v.split(k_lengths, 2), strict=True):
-            if qs.shape[2] == 0:
-                continue
-            if ks.shape[2] == 0:  # no keys: the padded batch's single unmasked zero slot
-                zero = q.new_zeros(1, 1, H * hd)
-                ks = self.k(zero).view(1, 1, H, hd).transpose(1, 2)  # (1, H, 1, hd)
-                vs = self.v(zero).view(1, 1, H, hd).transpose(1, 2)
-            parts.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2))  # (1, n, H, hd)
+            if qs.shape[2]:
+                parts.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2))  # (1, n, H, hd)
         return torch.cat(parts, dim=1) if parts else q.new_zeros(1, 0, H, hd)
+
+    def zero_keys_where_empty(self, k, v, q_lengths: list[int], k_lengths: list[int]):
+        """A sequence with queries but no keys gets one key: the projection of a zero row, the padded batch's
+        single unmasked slot under tokens.key_padding_mask. -> (k, v, key lengths)."""
+        empty = [i for i, (n, m) in enumerate(zip(q_lengths, k_lengths, strict=True)) if n and not m]
+        if not empty:
+            return k, v, k_lengths
+        _, H, _, hd = k.shape
+        zero = k.new_zeros(1, 1, H * hd)
+        zk = self.k(zero).view(1, 1, H, hd).transpose(1, 2).to(k.dtype)  # (1, H, 1, hd)
+        zv = self.v(zero).view(1, 1, H, hd).transpose(1, 2).to(v.dtype)
+        ks, vs = list(k.split(k_lengths, 2)), list(v.split(k_lengths, 2))
+        for i in empty:
+            ks[i], vs[i] = zk, zv
+        lengths = [1 if i in empty else m for i, m in enumerate(k_lengths)]
+        return torch.cat(ks, 2), torch.cat(vs, 2), lengths
+
+
+def varlen_kernel(q: torch.Tensor):
+    """PyTorch's variable-length flash attention (torch.nn.attention.varlen) where it runs: a CUDA tensor in
+    bf16 / fp16 (what autocast gives), else None."""
+    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # an older torch: the per-sequence loop
+        return None
+    return varlen_attn
+
+
+def attend_varlen(kernel, q, k, v, q_lengths: list[int], k_lengths: list[int]) -> torch.Tensor:
+    """All sequences in one call of a varlen kernel (its layout: (tokens, H, hd) plus cumulative offsets);
+    q: (1, H, N, hd), k, v: (1, H, M, hd) -> (1, N, H, hd)."""
+    def offsets(lengths):
+        return torch.tensor([0, *lengths], device=q.device).cumsum(0).to(torch.int32)
+
+    out = kernel(q[0].transpose(0, 1).contiguous(), k[0].transpose(0, 1).contiguous(),
+                 v[0].transpose(0, 1).contiguous(), offsets(q_lengths), offsets(k_lengths),
+                 max(q_lengths, default=0), max(k_lengths, default=0))  # (N, H, hd)  # fmt: skip
+    return out[None]
 
 
 class Mlp(nn.Module):

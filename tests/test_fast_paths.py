@@ -344,6 +344,51 @@ def test_cross_attention_over_back_to_back_sequences_equals_the_masked_padded_ba
     torch.testing.assert_close(fast[0], ref[q_valid], atol=1e-6, rtol=0)
 
 
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+    """The contract of torch.nn.attention.varlen.varlen_attn (CUDA-only) on the CPU: (tokens, H, hd) rows,
+    int32 cumulative offsets, one unmasked attention per segment; it also checks what the caller passes."""
+    assert q.ndim == k.ndim == v.ndim == 3 and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+    assert cu_q.dtype == cu_k.dtype == torch.int32 and cu_q[0] == cu_k[0] == 0
+    assert cu_q[-1] == q.shape[0] and cu_k[-1] == k.shape[0] and len(cu_q) == len(cu_k)
+    assert max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
+    out = torch.empty_like(q)
+    for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:], strict=True):
+        if b > a:
+            assert d > c, "a query segment without keys reached the kernel"
+            out[a:b] = torch.nn.functional.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1)).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_varlen_kernel_path_gets_offsets_and_zero_keys_as_the_loop(cross, monkeypatch):
+    """The GPU path (one variable-length flash call, CUDA bf16 only) is fed exactly what the per-sequence loop
+    computes: here its kernel is a CPU stand-in with the kernel's contract, and both paths must agree."""
+    import olmoearth.attention as attention
+
+    torch.manual_seed(2)
+    attn = Attention(32, 4).eval()
+    with torch.no_grad():
+        attn.k.bias.normal_()
+        attn.v.bias.normal_()
+    q_lengths = [4, 0, 6, 3, 5]
+    k_lengths = [5, 2, 0, 7, 1] if cross else q_lengths  # sample 1: no queries; sample 2: no keys
+    x = torch.randn(1, sum(q_lengths), 32)
+    y = torch.randn(1, sum(k_lengths), 32) if cross else None
+    with torch.no_grad():
+        loop = attn(x, y, seq_lengths=q_lengths, key_lengths=k_lengths if cross else None)
+        monkeypatch.setattr(attention, "varlen_kernel", lambda q: reference_varlen)
+        varlen = attn(x, y, seq_lengths=q_lengths, key_lengths=k_lengths if cross else None)
+    torch.testing.assert_close(varlen, loop, atol=1e-6, rtol=0)
+
+
+def test_varlen_kernel_only_for_half_precision_cuda_tensors():
+    from olmoearth.attention import varlen_kernel
+
+    assert varlen_kernel(torch.zeros(1, 2, 3, 4)) is None
+    assert varlen_kernel(torch.zeros(1, 2, 3, 4, dtype=torch.bfloat16)) is None  # CPU: the loop
+
+
 def decoder_inputs(B, H, T, p, seed, no_context=(), no_queries=()):
     g = torch.Generator().manual_seed(seed)
     masks = random_roles(B, H, T, p, seed, empty=no_context)
