@@ -82,31 +82,6 @@ def raw_read(cfg, storage) -> float:
     return time.perf_counter() - t0
 
 
-def tree_cpu_seconds() -> dict[int, float]:
-    """CPU seconds (user + system) so far of this process and every process it started: the Ray cluster's
-    (raylet, workers) and the S3 server's. Other programs on the machine are not counted."""
-    import psutil
-
-    me, out = psutil.Process(), {}
-    for p in [me, *me.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            out[p.pid] = t.user + t.system + t.children_user + t.children_system
-        except psutil.Error:
-            pass
-    return out
-
-
-def cpu_spent(fn, *args):
-    """(fn(*args), wall seconds, CPU seconds of the process tree)."""
-    before = tree_cpu_seconds()
-    t0 = time.perf_counter()
-    result = fn(*args)
-    wall = time.perf_counter() - t0
-    after = tree_cpu_seconds()
-    return result, wall, sum(t - before.get(pid, 0.0) for pid, t in after.items())
-
-
 def check_equal(storage, raw: str, out: str, sids: list[str]) -> None:
     """The materialised Sentinel-2 files hold exactly the corpus's pixels."""
     from olmoearth.modalities import MODALITIES
@@ -124,6 +99,7 @@ def check_equal(storage, raw: str, out: str, sids: list[str]) -> None:
 
 
 def run(args, storage) -> None:
+    from bench.lib.cpu import cpu_spent
     from pipelines.corpus.materialize import materialize
     from pipelines.corpus.materialize_config import MaterializeConfig
 

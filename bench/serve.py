@@ -114,10 +114,13 @@ def bench_area(args, storage) -> None:
 def bench_endpoint(args) -> None:
     from ray import serve
 
+    from bench.lib.cpu import cpu_by_role, tree_cpu_seconds
+
     from pipelines.common.local_s3 import free_port
     from serve.app import ServeConfig, run
 
-    cfg = ServeConfig(model_uri=args.model, port=free_port(), min_replicas=1, max_replicas=1, max_batch_size=16,
+    cfg = ServeConfig(model_uri=args.model, port=free_port(), min_replicas=1, max_replicas=1,
+                      max_batch_size=args.max_batch,
                       max_ongoing_requests=32, batch_wait_timeout_s=args.wait, num_cpus=1.0,
                       torch_threads=args.threads, precision=args.precision,
                       num_gpus=1.0 if args.device == "cuda" else 0.0)  # fmt: skip
@@ -134,10 +137,12 @@ def bench_endpoint(args) -> None:
     bare = BareForward(args, bodies)
     bare_before = bare.run(4)
     http_client(url, bodies[0], args.requests)  # warm-up
+    cpu_before = tree_cpu_seconds()
     t = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda i: http_client(url, bodies[i], args.requests), range(16)))
     wall = time.perf_counter() - t
+    cpu = cpu_by_role(cpu_before, tree_cpu_seconds())
     handle = serve.get_app_handle(cfg.name)
     t = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:
@@ -169,6 +174,10 @@ def bench_endpoint(args) -> None:
     print(f"ratio endpoint_vs_bare_forward_matched_batch: {(len(lat) / wall) / (n / bare_matched):.3f}")
     print(f"ratio endpoint_handle_vs_bare_forward: {(len(hl) / handle_wall) / (n / bare_s):.3f}")
     print_time_split([st for r in results for st in r[3]])
+    # where the machine's CPU went during the HTTP run ("bench": the 16 client threads of this process)
+    for role, seconds in sorted(cpu.items(), key=lambda kv: -kv[1]):
+        print(f"endpoint_cpu_{role}: {1000 * seconds / len(lat):.1f} ms/request")
+    print(f"endpoint_cpu_cores_busy: {sum(cpu.values()) / wall:.2f} cores")
     serve.shutdown()
 
 
@@ -258,6 +267,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=20, help="requests per client")
     # ~10-20% of a batch forward here (200-400 ms for 8 requests): batches fill, the wait costs little
     ap.add_argument("--wait", type=float, default=0.04, help="endpoint batch_wait_timeout_s")
+    ap.add_argument("--max_batch", type=int, default=16, help="endpoint max_batch_size (requests per forward)")
     ap.add_argument("--model", default="random:nano", help="encoder: exported file, checkpoint or random:<size>")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both sides run the encoder")
     ap.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32")
