@@ -115,7 +115,6 @@ def bench_endpoint(args) -> None:
     from ray import serve
 
     from bench.lib.cpu import cpu_by_role, tree_cpu_seconds
-
     from pipelines.common.local_s3 import free_port
     from serve.app import ServeConfig, run
 
