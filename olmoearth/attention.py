@@ -119,9 +119,10 @@ def attend_varlen(kernel, q, k, v, q_lengths: list[int], k_lengths: list[int]) -
     def offsets(lengths):
         return torch.tensor([0, *lengths], device=q.device).cumsum(0).to(torch.int32)
 
+    # num_splits=1: no split-KV, so a sequence's result does not depend on its batch-mates
     out = kernel(q[0].transpose(0, 1).contiguous(), k[0].transpose(0, 1).contiguous(),
                  v[0].transpose(0, 1).contiguous(), offsets(q_lengths), offsets(k_lengths),
-                 max(q_lengths, default=0), max(k_lengths, default=0))  # (N, H, hd)  # fmt: skip
+                 max(q_lengths, default=0), max(k_lengths, default=0), num_splits=1)  # (N, H, hd)  # fmt: skip
     return out[None]
 
 

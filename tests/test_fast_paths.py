@@ -344,13 +344,14 @@ def test_cross_attention_over_back_to_back_sequences_equals_the_masked_padded_ba
     torch.testing.assert_close(fast[0], ref[q_valid], atol=1e-6, rtol=0)
 
 
-def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, num_splits=None):
     """The contract of torch.nn.attention.varlen.varlen_attn (CUDA-only) on the CPU: (tokens, H, hd) rows,
     int32 cumulative offsets, one unmasked attention per segment; it also checks what the caller passes."""
     assert q.ndim == k.ndim == v.ndim == 3 and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
     assert cu_q.dtype == cu_k.dtype == torch.int32 and cu_q[0] == cu_k[0] == 0
     assert cu_q[-1] == q.shape[0] and cu_k[-1] == k.shape[0] and len(cu_q) == len(cu_k)
     assert max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
+    assert num_splits == 1  # batch-invariant results
     out = torch.empty_like(q)
     for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:], strict=True):
         if b > a:
