@@ -365,5 +365,5 @@ def test_precision_field_is_checked_before_any_work():
     with pytest.raises(ValueError, match="precision must be one of"):
         build_app(ServeConfig(precision="fp16"))
     cfg = EmbedAreaConfig(bbox=[0, 0, 1, 1], geotiffs={"sentinel2_l2a": ["x.tif"]}, out="o", precision="half")
-    with pytest.raises(ValueError, match="precision: one of"):
+    with pytest.raises(ValueError, match="precision must be one of"):
         check_config(cfg)

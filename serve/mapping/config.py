@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from olmoearth.precision import PRECISIONS
+from olmoearth.precision import resolve_precision
 
 
 @dataclass
@@ -72,8 +72,7 @@ def check_config(cfg: EmbedAreaConfig) -> None:
         check_stac(cfg)
     if not cfg.out:
         raise ValueError("out: output folder URI required")
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"precision: one of {PRECISIONS}, got {cfg.precision!r}")
+    resolve_precision(cfg.precision, "cpu")  # the field's check (the rule's owner: olmoearth/precision.py)
     if cfg.engine not in ("ray_data", "serve"):
         raise ValueError(f"engine: 'ray_data' or 'serve', got {cfg.engine!r}")
     if cfg.engine == "serve" and not cfg.serve_url:
