@@ -147,7 +147,8 @@ def bench_size(cfg: BenchConfig, size: str, dev: torch.device, peaks: dict) -> b
                 tok = max(tok, float(((o["tokens"][n] - r.tokens[n]).abs() * vis).max()))
             pooled = float((o["pooled"] - r.pooled).abs().max())
             projected = float((o["projected"] - r.projected).abs().max())
-            n_tokens = sum(int((m == ENCODER).sum()) for m in masks.values())
+            visible = torch.cat([(m == ENCODER).flatten(1) for m in masks.values()], 1).sum(1)  # (B,) per sample
+            n_tokens = int(visible.sum())
             name = f"{size}_p{p}_{'missing' if with_missing else 'full'}"
             print(f"# {name}: {cfg.grid * p}x{cfg.grid * p} px, {n_tokens} visible tokens per batch")
             print(f"{name}_max_abs_diff_tokens: {tok:.3e} abs")
@@ -155,7 +156,6 @@ def bench_size(cfg: BenchConfig, size: str, dev: torch.device, peaks: dict) -> b
             print(f"{name}_max_abs_diff_projected: {projected:.3e} abs")
             for k, v in best.items():
                 print(f"{name}_{k}_forward: {v * 1e3:.1f} ms")
-            visible = torch.cat([(m == ENCODER).flatten(1) for m in masks.values()], 1).sum(1)  # (B,) per sample
             flops = encoder_forward_flops(model_shape(ours), visible.tolist())
             for k, prec in (("ours", "fp32"), ("ours_bf16", "bf16")):
                 if k in best:

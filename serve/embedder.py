@@ -80,8 +80,8 @@ class Embedder:
         with self._lock:
             out = encode(self.encoder, xt, months=mt, patch_size=patch_size, precision=self.precision)
         seen = sum((mk == ENCODER).flatten(3).any(-1) for mk in out.mask.values()) > 0  # (B, h, w)
-        patches = out.patches.float().masked_fill(~seen[..., None], float("nan"))
-        return patches.cpu().numpy(), out.pooled.float().cpu().numpy()
+        patches = out.patches.masked_fill(~seen[..., None], float("nan"))  # encode's outputs are float32
+        return patches.cpu().numpy(), out.pooled.cpu().numpy()
 
     @torch.no_grad()
     def predict(self, x: dict[str, np.ndarray], months: np.ndarray) -> dict[str, np.ndarray]:
